@@ -440,3 +440,23 @@ export function parseBlockStatusPayload(data: Buffer): { contextId: number; desc
   for (let p = 4; p < data.length; p += 8) descriptors.push({ length: data.readUInt32BE(p), flags: data.readUInt32BE(p + 4) });
   return { contextId, descriptors };
 }
+
+/** Payload of NBD_REPLY_TYPE_OFFSET_HOLE: a run of `length` zero bytes at `offset`. */
+export function encodeOffsetHolePayload(offset: number, length: number): Buffer {
+  const b = Buffer.allocUnsafe(12);
+  b.writeBigUInt64BE(BigInt(offset), 0);
+  b.writeUInt32BE(length, 8);
+  return b;
+}
+/** `offset` may exceed 2^53 on malformed input; the caller checks it against its request. */
+export function parseOffsetHolePayload(data: Buffer): { offset: number; length: number } {
+  if (data.length !== 12) throw malformed(`hole chunk of ${data.length} bytes is not 12`);
+  return { offset: Number(data.readBigUInt64BE(0)), length: data.readUInt32BE(8) };
+}
+
+/** NBD_REPLY_TYPE_OFFSET_DATA starts with the 64-bit offset of the data that follows it. */
+export const OFFSET_DATA_HEADER_SIZE = 8;
+export function decodeOffsetDataHeader(buf: Buffer, off: number): Decoded<number> {
+  if (buf.length - off < OFFSET_DATA_HEADER_SIZE) return NEED_MORE;
+  return { msg: Number(buf.readBigUInt64BE(off)), bytesRead: OFFSET_DATA_HEADER_SIZE };
+}

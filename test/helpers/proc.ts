@@ -60,10 +60,12 @@ export function startProc(cmd: string, args: string[], opts: SpawnOptions = {}):
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
   let out = '';
   let err = '';
+  child.on('error', (e) => (err += `spawn ${cmd} failed: ${e.message}\n`));
   child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr?.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('error', () => resolve({ code: -1, signal: null }));
   });
   const stop = async (signal: NodeJS.Signals = 'SIGTERM') => {
     if (child.exitCode === null && child.signalCode === null) {
@@ -104,24 +106,33 @@ export interface Served extends Proc {
   socket?: string;
 }
 
+/** Wait until `target` listens, failing at once (with its stderr) if the process exits first. */
+export async function waitForProc(p: Proc, target: { port: number; host?: string } | { path: string }, timeoutMs = 15000): Promise<void> {
+  const early = p.exited.then((r) => {
+    throw new Error(`process exited (code ${r.code}, signal ${r.signal}) before listening on ${JSON.stringify(target)}\n${p.stderr()}`);
+  });
+  try {
+    await Promise.race([waitForListen(target, timeoutMs), early]);
+  } catch (e) {
+    await p.stop();
+    throw new Error(`${(e as Error).message}\n${p.stderr()}`);
+  } finally {
+    early.catch(() => undefined);
+  }
+}
+
 /** Start `spillway serve` from dist/ on a free TCP port (or a socket if `socket` is given). */
 export async function startServe(image: string, extra: string[] = [], opts: { socket?: string; exportName?: string } = {}): Promise<Served> {
   const exportName = opts.exportName ?? '';
   const nameArgs = exportName ? ['--export', exportName] : [];
   if (opts.socket) {
     const p = startProc(process.execPath, [CLI, 'serve', image, '--socket', opts.socket, ...nameArgs, ...extra]);
-    await waitForListen({ path: opts.socket }).catch(async (e) => {
-      await p.stop();
-      throw new Error(`${(e as Error).message}\n${p.stderr()}`);
-    });
+    await waitForProc(p, { path: opts.socket });
     return { ...p, socket: opts.socket, uri: `nbd+unix:///${exportName}?socket=${opts.socket}` };
   }
   const port = await freePort();
   const p = startProc(process.execPath, [CLI, 'serve', image, '--port', String(port), '--bind', '127.0.0.1', ...nameArgs, ...extra]);
-  await waitForListen({ port }).catch(async (e) => {
-    await p.stop();
-    throw new Error(`${(e as Error).message}\n${p.stderr()}`);
-  });
+  await waitForProc(p, { port });
   return { ...p, port, uri: `nbd://127.0.0.1:${port}/${exportName}` };
 }
 

@@ -1,0 +1,35 @@
+# Spillway: one command for the demo, one for the whole test suite. Both install their own
+# apt and npm dependencies (scripts/setup.sh), idempotently.
+.PHONY: demo test deps build native lint typecheck unit bench clean
+
+NATIVE := build/Release/spillway_native.node
+
+demo: build
+	bash scripts/demo.sh
+
+test: build lint
+	node scripts/run-tests.mjs
+
+deps:
+	bash scripts/setup.sh
+
+native: $(NATIVE)
+
+$(NATIVE): native/spillway_native.c binding.gyp
+	npm run build:native
+
+build: deps
+	$(MAKE) --no-print-directory native
+	npm run build
+
+typecheck: deps
+	npm run typecheck
+
+lint: typecheck
+	npm run lint
+
+bench: build
+	npx tsx bench/nbd.ts
+
+clean:
+	rm -rf dist build .work

@@ -1,0 +1,35 @@
+#!/usr/bin/env node
+// The `spillway` command. Each subcommand lives in src/cli/<name>.ts and registers itself here.
+
+import { Command } from 'commander';
+import { registerEdge } from './cli/edge.js';
+import { registerPki } from './cli/pki.js';
+import { registerServe } from './cli/serve.js';
+import { registerWanem } from './cli/wanem.js';
+import { VERSION } from './version.js';
+
+const program = new Command();
+program
+  .name('spillway')
+  .description('Stream VMs and containers to cloud capacity while their disks stay where they are.')
+  .version(VERSION)
+  .showHelpAfterError('(run with --help for usage)')
+  .addHelpText(
+    'after',
+    `
+Environment:
+  SPILLWAY_LOG_LEVEL   debug | info | warn | error (default info)
+  SPILLWAY_LOG_FORMAT  json (default) | text
+
+Docs: docs/ARCHITECTURE.md and docs/*.md in the source tree.`,
+  );
+
+registerServe(program);
+registerWanem(program);
+registerPki(program);
+registerEdge(program);
+
+program.parseAsync(process.argv).catch((err: unknown) => {
+  process.stderr.write(`spillway: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exit(1);
+});

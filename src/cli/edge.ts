@@ -1,0 +1,56 @@
+// `spillway edge --config FILE`: run the edge proxy daemon of a site.
+
+import { writeFileSync, rmSync } from 'node:fs';
+import { Command } from 'commander';
+
+import { loadEdgeConfig } from '../edge/config.js';
+import { Edge } from '../edge/edge.js';
+import { createLogger } from '../log/logger.js';
+
+export function registerEdge(program: Command): void {
+  program
+    .command('edge')
+    .summary('run the edge proxy of a site (local and remote roles, link, cache, storage target)')
+    .description(
+      'Run the edge proxy described by a YAML configuration file (see docs/edge.md). For volumes it owns, the edge plays the local role: it locks their sources and streams their chunks to peers over mutually authenticated TLS. For volumes it serves from a peer, it plays the remote role: it exports them over NBD and answers reads from its encrypted cache, then over the link.',
+    )
+    .requiredOption('-c, --config <file>', 'YAML configuration file')
+    .option('--check', 'validate the configuration and exit')
+    .option('--pid-file <file>', 'write the process id here once running; removed at exit')
+    .addHelpText(
+      'after',
+      `
+Example (cloud side):
+  site: cloud
+  state: /var/lib/spillway
+  tls: { ca: pki/ca.pem, cert: pki/cloud.pem, key: pki/cloud.key }
+  nbd: { listen: 127.0.0.1:10809 }
+  metrics: { listen: 127.0.0.1:9400 }
+  cache: { dir: /var/cache/spillway, size: 20GiB }
+  peers: [ { name: onprem, address: 192.0.2.10:7400, connections: 4 } ]
+  volumes: [ { name: web, peer: onprem } ]`,
+    )
+    .action(async (o: { config: string; check?: boolean; pidFile?: string }) => {
+      const config = loadEdgeConfig(o.config);
+      if (o.check) {
+        process.stdout.write(`${o.config}: valid (site ${config.site}, ${config.volumes.length} volume(s), ${config.peers.length} peer(s))\n`);
+        return;
+      }
+      const log = createLogger('edge');
+      const edge = await Edge.start(config, log);
+      if (o.pidFile) writeFileSync(o.pidFile, `${process.pid}\n`);
+      let stopping = false;
+      const stop = (why: string) => {
+        if (stopping) return;
+        stopping = true;
+        log('info', 'stopping', { why });
+        void edge.stop().finally(() => {
+          if (o.pidFile) rmSync(o.pidFile, { force: true });
+          process.exit(0);
+        });
+      };
+      process.once('SIGTERM', () => stop('SIGTERM'));
+      process.once('SIGINT', () => stop('SIGINT'));
+      process.on('SIGUSR1', () => process.stderr.write(JSON.stringify(edge.status()) + '\n'));
+    });
+}

@@ -1,0 +1,265 @@
+// The local role's side of the link: answers OPEN with the volume's geometry and data key, and
+// FETCH with chunks, highest priority first. Every connection from one peer edge shares one
+// session (one queue), so several connections fill a long fat pipe. A chunk goes out as a
+// zero marker (no payload), as a signature alone (when this peer already received that
+// content in this session), or as data, compressed when that pays.
+
+import { deriveKeys } from '../../cache/keys.js';
+import { compressChunk, isAllZero } from '../../link/compress.js';
+import { ChunkSigner } from '../../link/signature.js';
+import type { LinkConnection } from '../../link/connection.js';
+import type { LinkMessage } from '../../link/codec.js';
+import { encodeMessage, creditCost } from '../../link/codec.js';
+import { LINK_ERR, type Priority } from '../../link/protocol.js';
+import { ChunkQueue, QueueFullError, TokenBucket, type ChunkJob } from '../../link/scheduler.js';
+import type { Logger } from '../../log/logger.js';
+import type { LocalVolume } from './volume.js';
+import { localMetrics } from './metrics.js';
+
+export interface ChunkServerOptions {
+  /** volumes this edge owns, by name. */
+  volumes: Map<string, LocalVolume>;
+  /** bytes/s for chunk data to all peers (0 = unlimited). */
+  rateBytes?: number;
+  /** chunks read and encoded ahead of the sockets. */
+  prepareAhead?: number;
+  /** signatures remembered per peer for signature-only answers. */
+  rememberSignatures?: number;
+  log: Logger;
+}
+
+interface Prepared {
+  job: ChunkJob;
+  frame: Buffer;
+  cost: number;
+  kind: 'data' | 'sig' | 'zero';
+  raw: number;
+}
+
+interface VolumeEntry {
+  volume: LocalVolume;
+  signer: ChunkSigner;
+}
+
+/** All connections of one peer edge. */
+class PeerSession {
+  readonly conns = new Set<LinkConnection>();
+  readonly queue = new ChunkQueue();
+  /** chunks whose next answer must carry data (the peer said NEED_DATA). */
+  readonly forceData = new Set<string>();
+  /** content this peer received from us: signature hex → true, in insertion (LRU-ish) order. */
+  readonly sent = new Map<string, true>();
+  readonly ready: Prepared[][] = [[], [], [], []];
+  preparing = 0;
+  pumping = false;
+
+  constructor(readonly peer: string) {}
+}
+
+export class ChunkServer {
+  private readonly sessions = new Map<string, PeerSession>();
+  private readonly byHandle = new Map<number, VolumeEntry>();
+  private readonly handleOf = new Map<string, number>();
+  private readonly bucket: TokenBucket;
+  private readonly prepareAhead: number;
+  private readonly rememberSignatures: number;
+  private readonly metrics = localMetrics();
+
+  constructor(private readonly opts: ChunkServerOptions) {
+    let h = 1;
+    for (const [name, volume] of opts.volumes) {
+      this.byHandle.set(h, { volume, signer: new ChunkSigner(deriveKeys(volume.dataKey).signKey) });
+      this.handleOf.set(name, h++);
+    }
+    const rate = opts.rateBytes ?? 0;
+    this.bucket = new TokenBucket(rate, Math.max(256 * 1024, rate / 20));
+    this.prepareAhead = opts.prepareAhead ?? 8;
+    this.rememberSignatures = opts.rememberSignatures ?? 1 << 20;
+  }
+
+  setRate(bytesPerSecond: number): void {
+    this.bucket.setRate(bytesPerSecond, Math.max(256 * 1024, bytesPerSecond / 20));
+  }
+
+  /** A link connection whose peer is a remote-role edge. */
+  attach(conn: LinkConnection, peer: string): void {
+    let s = this.sessions.get(peer);
+    if (!s) {
+      s = new PeerSession(peer);
+      this.sessions.set(peer, s);
+    }
+    const session = s;
+    session.conns.add(conn);
+    conn.on('writable', () => this.pump(session));
+    conn.once('close', () => {
+      session.conns.delete(conn);
+      // Requests queued for a peer with no connection left are dropped: on reconnect the
+      // remote edge asks again for everything it still waits for.
+      if (session.conns.size === 0) this.sessions.delete(peer);
+    });
+  }
+
+  /** Link handler for frames from a remote-role peer. */
+  handle(msg: LinkMessage, conn: LinkConnection, peer: string): void {
+    const session = this.sessions.get(peer);
+    if (!session) return;
+    switch (msg.type) {
+      case 'open': {
+        const handle = this.handleOf.get(msg.volume);
+        const entry = handle === undefined ? undefined : this.byHandle.get(handle);
+        if (!entry || handle === undefined) {
+          conn.send({ type: 'error', reqId: msg.reqId, code: LINK_ERR.UNKNOWN_VOLUME, message: `this edge owns no volume named "${msg.volume}"` });
+          return;
+        }
+        const v = entry.volume;
+        conn.send({ type: 'opened', reqId: msg.reqId, volume: v.name, handle, size: v.size, chunkSize: v.chunkSize, family: v.family, dataKey: v.dataKey });
+        this.opts.log('info', 'volume opened by peer', { peer, volume: v.name });
+        return;
+      }
+      case 'fetch':
+      case 'need-data': {
+        const entry = this.byHandle.get(msg.handle);
+        if (!entry) {
+          conn.send({ type: 'error', reqId: 0, code: LINK_ERR.UNKNOWN_VOLUME, message: `unknown volume handle ${msg.handle}` });
+          return;
+        }
+        const ranges = msg.type === 'fetch' ? msg.ranges : [{ start: msg.index, count: 1 }];
+        const n = entry.volume.chunkCount;
+        try {
+          for (const r of ranges) {
+            const end = Math.min(r.start + r.count, n);
+            for (let i = r.start; i < end; i++) {
+              if (msg.type === 'need-data') session.forceData.add(`${msg.handle}:${i}`);
+              session.queue.push({ handle: msg.handle, index: i, priority: msg.priority, pushed: false });
+            }
+          }
+        } catch (err) {
+          if (!(err instanceof QueueFullError)) throw err;
+          conn.send({ type: 'error', reqId: 0, code: LINK_ERR.BAD_REQUEST, message: err.message });
+        }
+        this.pump(session);
+        return;
+      }
+      case 'cancel':
+        session.queue.cancel(msg.handle, msg.priority, msg.ranges);
+        return;
+      case 'ping':
+        conn.send({ type: 'pong', nonce: msg.nonce });
+        return;
+      case 'metrics-request':
+        conn.send({ type: 'metrics', reqId: msg.reqId, json: JSON.stringify(this.stats()) });
+        return;
+      default:
+        return;
+    }
+  }
+
+  /** Push chunks the peer did not ask for (group push, prefetch plans, hydration). */
+  push(peer: string, volume: string, indices: Iterable<number>, priority: Priority): number {
+    const session = this.sessions.get(peer);
+    const handle = this.handleOf.get(volume);
+    if (!session || handle === undefined) return 0;
+    let n = 0;
+    for (const index of indices) if (session.queue.push({ handle, index, priority, pushed: true })) n++;
+    this.pump(session);
+    return n;
+  }
+
+  stats(): Record<string, unknown> {
+    return {
+      peers: [...this.sessions.values()].map((s) => ({ peer: s.peer, connections: s.conns.size, queued: s.queue.size, signaturesRemembered: s.sent.size })),
+    };
+  }
+
+  // ------------------------------------------------------------------------------- sending
+
+  private pump(s: PeerSession): void {
+    if (s.pumping) return;
+    s.pumping = true;
+    try {
+      // Read and encode a few chunks ahead, in priority order.
+      while (s.preparing + this.readyCount(s) < this.prepareAhead) {
+        const job = s.queue.shift();
+        if (!job) break;
+        s.preparing++;
+        this.prepare(s, job)
+          .then((p) => {
+            if (p) s.ready[p.job.priority]!.push(p);
+          })
+          .catch((err: unknown) => {
+            this.opts.log('error', 'reading a chunk failed', { peer: s.peer, handle: job.handle, index: job.index, err: (err as Error).message });
+            const conn = [...s.conns][0];
+            conn?.send({ type: 'error', reqId: 0, code: LINK_ERR.IO, message: `chunk ${job.index}: ${(err as Error).message}` });
+          })
+          .finally(() => {
+            s.preparing--;
+            this.pump(s);
+          });
+      }
+      // Send what is ready, highest priority first, where credit, socket and rate allow.
+      for (;;) {
+        const p = this.nextReady(s);
+        if (!p) break;
+        const conn = this.pickConnection(s, p.cost);
+        if (!conn) break;
+        const wait = this.bucket.delayFor(p.frame.length);
+        if (wait > 0) {
+          setTimeout(() => this.pump(s), Math.ceil(wait)).unref();
+          break;
+        }
+        s.ready[p.job.priority]!.shift();
+        this.bucket.take(p.frame.length);
+        if (p.cost > 0) conn.sendCredited(p.frame, p.cost);
+        else conn.sendFrame(p.frame);
+        this.metrics.chunks.inc({ kind: p.kind, class: p.job.priority });
+        this.metrics.bytes.inc({ kind: p.kind }, p.frame.length);
+        this.metrics.rawBytes.inc(p.raw);
+      }
+    } finally {
+      s.pumping = false;
+    }
+  }
+
+  private readyCount(s: PeerSession): number {
+    return s.ready[0]!.length + s.ready[1]!.length + s.ready[2]!.length + s.ready[3]!.length;
+  }
+
+  private nextReady(s: PeerSession): Prepared | undefined {
+    for (const q of s.ready) if (q.length > 0) return q[0];
+    return undefined;
+  }
+
+  private pickConnection(s: PeerSession, cost: number): LinkConnection | undefined {
+    let best: LinkConnection | undefined;
+    for (const c of s.conns) {
+      if (c.closed || c.queuedBytes > 256 * 1024 || !c.canSend(cost)) continue;
+      if (!best || c.queuedBytes < best.queuedBytes) best = c;
+    }
+    return best;
+  }
+
+  private async prepare(s: PeerSession, job: ChunkJob): Promise<Prepared | null> {
+    const entry = this.byHandle.get(job.handle);
+    if (!entry) return null;
+    const v = entry.volume;
+    const raw = v.chunkLength(job.index);
+    const base = { handle: job.handle, index: job.index, priority: job.priority, pushed: job.pushed };
+    if (v.isZeroChunk(job.index)) return { job, kind: 'zero', raw, cost: 0, frame: encodeMessage({ type: 'chunk-zero', ...base }) };
+    const data = await v.readChunk(job.index);
+    if (isAllZero(data)) return { job, kind: 'zero', raw, cost: 0, frame: encodeMessage({ type: 'chunk-zero', ...base }) };
+    const signature = entry.signer.sign(data);
+    const sigKey = `${v.family}:${signature.toString('hex')}`;
+    const k = `${job.handle}:${job.index}`;
+    if (s.sent.has(sigKey) && !s.forceData.has(k)) {
+      s.sent.delete(sigKey);
+      s.sent.set(sigKey, true);
+      return { job, kind: 'sig', raw, cost: 0, frame: encodeMessage({ type: 'chunk-sig', ...base, rawLength: raw, signature }) };
+    }
+    s.forceData.delete(k);
+    const { codec, payload } = compressChunk(data);
+    const msg: LinkMessage = { type: 'chunk', ...base, codec, rawLength: raw, signature, payload };
+    s.sent.set(sigKey, true);
+    if (s.sent.size > this.rememberSignatures) s.sent.delete(s.sent.keys().next().value!);
+    return { job, kind: 'data', raw, cost: creditCost(msg), frame: encodeMessage(msg) };
+  }
+}

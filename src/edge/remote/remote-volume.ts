@@ -1,0 +1,249 @@
+// A volume seen from the remote role: opened over the link (geometry and the family's data
+// key), its chunks fetched on demand with concurrent misses on one chunk coalesced, checked
+// against their keyed signature, and stored in the secure cache. While the link is down,
+// fetches wait and are sent again after reconnect; a read fails only after the I/O timeout.
+
+import { BlockError } from '../../block/device.js';
+import type { SecureCache } from '../../cache/cache.js';
+import { deriveKeys } from '../../cache/keys.js';
+import type { ChunkRange, LinkMessage } from '../../link/codec.js';
+import { decompressChunk } from '../../link/compress.js';
+import { PRIORITY, type Priority } from '../../link/protocol.js';
+import { ChunkSigner } from '../../link/signature.js';
+import type { Logger } from '../../log/logger.js';
+import type { PeerClient } from './peer-client.js';
+import { remoteMetrics } from './metrics.js';
+
+export interface RemoteVolumeInfo {
+  name: string;
+  handle: number;
+  size: number;
+  chunkSize: number;
+  family: string;
+}
+
+export class VolumeOpenError extends Error {
+  readonly code = 'SPW_ERR_VOLUME_REMOTE_OPEN';
+  constructor(message: string) {
+    super(message);
+    this.name = 'VolumeOpenError';
+  }
+}
+
+interface Waiter {
+  resolve: (b: Buffer | 'zero') => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+interface Pending {
+  priority: Priority;
+  waiters: Waiter[];
+  /** a push, not yet wanted by anyone: nobody waits, but don't ask for it twice. */
+}
+
+let nextReqId = 1;
+
+export class RemoteVolume {
+  info: RemoteVolumeInfo | null = null;
+  private signer: ChunkSigner | null = null;
+  private readonly pending = new Map<number, Pending>();
+  private readonly opening = new Map<number, { resolve: (m: LinkMessage) => void }>();
+  private readonly metrics = remoteMetrics();
+  private closed = false;
+
+  constructor(
+    readonly name: string,
+    private readonly peer: PeerClient,
+    private readonly cache: SecureCache,
+    private readonly opts: { ioTimeoutMs: number; log: Logger },
+  ) {
+    peer.on('connection', () => void this.onReconnect());
+  }
+
+  /** OPEN over the link, waiting for the peer up to the I/O timeout. */
+  async open(signal?: AbortSignal): Promise<RemoteVolumeInfo> {
+    const timeout = AbortSignal.timeout(this.opts.ioTimeoutMs);
+    const s = signal ? AbortSignal.any([signal, timeout]) : timeout;
+    for (;;) {
+      await this.peer.whenConnected(s);
+      const reqId = nextReqId++;
+      const reply = new Promise<LinkMessage>((resolve) => this.opening.set(reqId, { resolve }));
+      if (!this.peer.send({ type: 'open', reqId, volume: this.name })) continue;
+      const m = await Promise.race([reply, new Promise<null>((r) => this.peer.once('down', () => r(null)))]);
+      this.opening.delete(reqId);
+      if (m === null) continue;
+      if (m.type === 'error') throw new VolumeOpenError(`peer ${this.peer.opts.name} refused volume ${this.name}: ${m.message}`);
+      if (m.type !== 'opened') continue;
+      const info = { name: m.volume, handle: m.handle, size: m.size, chunkSize: m.chunkSize, family: m.family };
+      if (this.info && (this.info.size !== info.size || this.info.chunkSize !== info.chunkSize || this.info.family !== info.family)) {
+        throw new VolumeOpenError(`volume ${this.name} changed at the origin (size/chunk size/family); refusing to mix its data with the cached copy`);
+      }
+      this.info = info;
+      this.cache.setKey(info.family, m.dataKey);
+      this.signer = new ChunkSigner(deriveKeys(m.dataKey).signKey);
+      return info;
+    }
+  }
+
+  get chunkCount(): number {
+    return this.info ? Math.ceil(this.info.size / this.info.chunkSize) : 0;
+  }
+
+  chunkLength(index: number): number {
+    const i = this.info!;
+    return Math.min(i.chunkSize, i.size - index * i.chunkSize);
+  }
+
+  isPending(index: number): boolean {
+    return this.pending.has(index);
+  }
+
+  /** Fetch a chunk over the link (the caller already missed in the cache). */
+  fetch(index: number, priority: Priority = PRIORITY.DEMAND): Promise<Buffer | 'zero'> {
+    if (this.closed) return Promise.reject(new BlockError('ESHUTDOWN', `volume ${this.name} is closed`));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        const p = this.pending.get(index);
+        if (p) {
+          p.waiters = p.waiters.filter((w) => w.timer !== timer);
+          if (p.waiters.length === 0) this.pending.delete(index);
+        }
+        this.metrics.timeouts.inc();
+        reject(new BlockError('EIO', `chunk ${index} of ${this.name} did not arrive within ${this.opts.ioTimeoutMs} ms (peer ${this.peer.opts.name}: ${this.peer.connected ? 'connected' : 'unreachable'})`));
+      }, this.opts.ioTimeoutMs);
+      const w: Waiter = { resolve, reject, timer };
+      const p = this.pending.get(index);
+      if (p) {
+        p.waiters.push(w);
+        this.metrics.coalesced.inc();
+        if (priority < p.priority) {
+          p.priority = priority;
+          this.send([{ start: index, count: 1 }], priority);
+        }
+        return;
+      }
+      this.pending.set(index, { priority, waiters: [w] });
+      this.send([{ start: index, count: 1 }], priority);
+    });
+  }
+
+  /** Ask for chunks nobody waits for yet (read-ahead, prefetch); they land in the cache. */
+  prefetch(indices: number[], priority: Priority): void {
+    const want = indices.filter((i) => i >= 0 && i < this.chunkCount && !this.pending.has(i) && this.cache.lookup(this.name, i) === null);
+    for (const i of want) this.pending.set(i, { priority, waiters: [] });
+    if (want.length > 0) this.send(toRanges(want), priority);
+  }
+
+  /** Link handler for this volume's frames. */
+  async onMessage(msg: LinkMessage): Promise<void> {
+    const info = this.info;
+    const signer = this.signer;
+    if (!info || !signer) return;
+    switch (msg.type) {
+      case 'chunk': {
+        if (msg.handle !== info.handle) return;
+        let data: Buffer;
+        try {
+          data = decompressChunk(msg.codec, msg.payload, msg.rawLength);
+          if (data.length !== this.chunkLength(msg.index) || !signer.sign(data).equals(msg.signature)) throw new Error('signature mismatch');
+        } catch (err) {
+          this.metrics.corrupt.inc();
+          this.opts.log('warn', 'corrupt chunk from peer; asking again', { volume: this.name, index: msg.index, err: (err as Error).message });
+          this.peer.send({ type: 'need-data', handle: info.handle, index: msg.index, priority: msg.priority });
+          return;
+        }
+        await this.cache.put(this.name, info.family, msg.index, Buffer.from(msg.signature), data);
+        this.metrics.received.inc({ kind: msg.pushed ? 'pushed' : 'data' });
+        this.settle(msg.index, data);
+        return;
+      }
+      case 'chunk-sig': {
+        if (msg.handle !== info.handle) return;
+        if (this.cache.hasContent(info.family, msg.signature)) {
+          const data = await this.cache.getContent(info.family, msg.signature);
+          if (data && data.length === msg.rawLength) {
+            await this.cache.map(this.name, msg.index, Buffer.from(msg.signature));
+            this.metrics.received.inc({ kind: 'signature' });
+            this.settle(msg.index, data);
+            return;
+          }
+        }
+        this.peer.send({ type: 'need-data', handle: info.handle, index: msg.index, priority: msg.priority });
+        return;
+      }
+      case 'chunk-zero':
+        if (msg.handle !== info.handle) return;
+        await this.cache.putZero(this.name, msg.index);
+        this.metrics.received.inc({ kind: 'zero' });
+        this.settle(msg.index, 'zero');
+        return;
+      default:
+        return;
+    }
+  }
+
+  close(): void {
+    this.closed = true;
+    for (const [, p] of this.pending) {
+      for (const w of p.waiters) {
+        clearTimeout(w.timer);
+        w.reject(new BlockError('ESHUTDOWN', `volume ${this.name} is closing`));
+      }
+    }
+    this.pending.clear();
+  }
+
+  private settle(index: number, data: Buffer | 'zero'): void {
+    const p = this.pending.get(index);
+    if (!p) return;
+    this.pending.delete(index);
+    for (const w of p.waiters) {
+      clearTimeout(w.timer);
+      w.resolve(data);
+    }
+  }
+
+  private send(ranges: ChunkRange[], priority: Priority): void {
+    if (!this.info) return;
+    // When no connection is up, the request stays pending and goes out on reconnect.
+    for (let i = 0; i < ranges.length; i += 512) this.peer.send({ type: 'fetch', handle: this.info.handle, priority, ranges: ranges.slice(i, i + 512) });
+  }
+
+  /** After a reconnect: make sure the volume is open, then ask again for everything pending. */
+  private resending = false;
+  private async onReconnect(): Promise<void> {
+    if (!this.info || this.resending || this.closed) return;
+    this.resending = true;
+    try {
+      await this.open();
+      const byPriority: number[][] = [[], [], [], []];
+      for (const [i, p] of this.pending) byPriority[p.priority]!.push(i);
+      byPriority.forEach((idx, prio) => idx.length > 0 && this.send(toRanges(idx.sort((a, b) => a - b)), prio as Priority));
+      this.metrics.resent.inc(this.pending.size);
+    } catch (err) {
+      this.opts.log('warn', 'reopening volume after reconnect failed', { volume: this.name, err: (err as Error).message });
+    } finally {
+      this.resending = false;
+    }
+  }
+
+  /** Link handler for replies to OPEN (routed by request id). */
+  onOpenReply(msg: LinkMessage): boolean {
+    if (msg.type !== 'opened' && msg.type !== 'error') return false;
+    const o = this.opening.get(msg.reqId);
+    if (!o) return false;
+    o.resolve(msg);
+    return true;
+  }
+}
+
+export function toRanges(sorted: number[]): ChunkRange[] {
+  const out: ChunkRange[] = [];
+  for (const i of sorted) {
+    const last = out[out.length - 1];
+    if (last && last.start + last.count === i && last.count < 0xffffffff) last.count++;
+    else out.push({ start: i, count: 1 });
+  }
+  return out;
+}

@@ -1,0 +1,147 @@
+// Two sites on one machine, for end-to-end tests and benches: a PKI, an on-prem edge owning a
+// disk image (local role), a `spillway wanem` relay in between, and a cloud edge serving the
+// disk over NBD (remote role). Every process is a real `node dist/cli.js` process, stopped by
+// the caller through `stop()` (or individually, to crash or restart one).
+
+import { writeFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+
+import { CLI, freePort, run, startProc, waitForProc, type Proc } from './proc.js';
+
+export interface WanOptions {
+  delayMs?: number;
+  rateMbit?: number;
+  extra?: string[];
+}
+
+export interface TwoSites {
+  dir: string;
+  image: string;
+  nbdPort: number;
+  uri: (volume?: string) => string;
+  metricsUrl: string;
+  onprem: Proc;
+  cloud: Proc;
+  wanem: Proc;
+  /** bytes the relay carried from the on-prem edge to the cloud edge. */
+  linkBytes: () => number;
+  startCloud: () => Promise<Proc>;
+  startOnprem: () => Promise<Proc>;
+  startWanem: (o?: WanOptions) => Promise<Proc>;
+  stop: () => Promise<void>;
+}
+
+export async function makePki(dir: string, names: string[]): Promise<string> {
+  const pki = path.join(dir, 'pki');
+  await run(process.execPath, [CLI, 'pki', 'init', '--dir', pki]);
+  for (const n of names) await run(process.execPath, [CLI, 'pki', 'issue', '--dir', pki, n]);
+  return pki;
+}
+
+/** Set up and start both edges and the relay. `image` must exist. */
+export async function startTwoSites(dir: string, image: string, o: { wan?: WanOptions; volume?: string; cacheSize?: string; ioTimeout?: string; connections?: number; cloudExtra?: string } = {}): Promise<TwoSites> {
+  const pki = await makePki(dir, ['onprem', 'cloud']);
+  const volume = o.volume ?? 'disk';
+  const [linkPort, wanPort, nbdPort, metricsPort] = [await freePort(), await freePort(), await freePort(), await freePort()];
+  const onpremYaml = path.join(dir, 'onprem.yaml');
+  const cloudYaml = path.join(dir, 'cloud.yaml');
+  await writeFile(
+    onpremYaml,
+    `site: onprem
+state: ${dir}/state-onprem
+tls: { ca: ${pki}/ca.pem, cert: ${pki}/onprem.pem, key: ${pki}/onprem.key }
+link: { listen: "127.0.0.1:${linkPort}" }
+volumes:
+  - { name: ${volume}, source: ${image} }
+`,
+  );
+  await writeFile(
+    cloudYaml,
+    `site: cloud
+state: ${dir}/state-cloud
+tls: { ca: ${pki}/ca.pem, cert: ${pki}/cloud.pem, key: ${pki}/cloud.key }
+nbd: { listen: "127.0.0.1:${nbdPort}" }
+metrics: { listen: "127.0.0.1:${metricsPort}" }
+cache: { dir: ${dir}/cache, size: ${o.cacheSize ?? '2GiB'} }
+peers: [ { name: onprem, address: "127.0.0.1:${wanPort}", connections: ${o.connections ?? 2} } ]
+volumes:
+  - { name: ${volume}, peer: onprem, ioTimeout: ${o.ioTimeout ?? '120s'} }
+${o.cloudExtra ?? ''}`,
+  );
+  const statsFile = path.join(dir, 'wanem.json');
+  const sites: Partial<TwoSites> & { dir: string } = { dir, image, nbdPort };
+  const wanOpts = o.wan ?? {};
+  sites.startWanem = async (w: WanOptions = wanOpts) => {
+    const p = startProc(process.execPath, [CLI, 'wanem', '--listen', `127.0.0.1:${wanPort}`, '--target', `127.0.0.1:${linkPort}`, '--delay-ms', String(w.delayMs ?? 0), '--rate-mbit', String(w.rateMbit ?? 0), '--stats-file', statsFile, ...(w.extra ?? [])]);
+    await waitForProc(p, { port: wanPort });
+    sites.wanem = p;
+    return p;
+  };
+  sites.startOnprem = async () => {
+    const p = startProc(process.execPath, [CLI, 'edge', '--config', onpremYaml]);
+    await waitForProc(p, { port: linkPort });
+    sites.onprem = p;
+    return p;
+  };
+  sites.startCloud = async () => {
+    const p = startProc(process.execPath, [CLI, 'edge', '--config', cloudYaml]);
+    await waitForProc(p, { port: nbdPort });
+    sites.cloud = p;
+    return p;
+  };
+  let wanBase = 0;
+  sites.linkBytes = () => {
+    try {
+      const s = JSON.parse(readFileSync(statsFile, 'utf8')) as { bytes: { targetToClient: number } };
+      return wanBase + s.bytes.targetToClient;
+    } catch {
+      return wanBase;
+    }
+  };
+  const origStartWanem = sites.startWanem;
+  sites.startWanem = async (w?: WanOptions) => {
+    wanBase = sites.linkBytes!(); // a restarted relay counts from zero
+    return origStartWanem(w);
+  };
+  sites.uri = (v = volume) => `nbd://127.0.0.1:${nbdPort}/${v}`;
+  sites.metricsUrl = `http://127.0.0.1:${metricsPort}/metrics`;
+  sites.stop = async () => {
+    await Promise.all([sites.cloud?.stop(), sites.onprem?.stop(), sites.wanem?.stop()]);
+  };
+  try {
+    await sites.startOnprem();
+    await sites.startWanem();
+    await sites.startCloud();
+    await waitForExport(sites.uri());
+  } catch (e) {
+    await sites.stop();
+    throw e;
+  }
+  return sites as TwoSites;
+}
+
+/** The cloud edge exports a volume once it has opened it over the link. */
+export async function waitForExport(uri: string, timeoutMs = 60000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const r = await run('nbdinfo', ['--size', uri], { allowFail: true });
+    if (r.code === 0) return;
+    if (Date.now() > deadline) throw new Error(`${uri} was not exported within ${timeoutMs} ms: ${r.stderr}`);
+    await new Promise((res) => setTimeout(res, 200));
+  }
+}
+
+/** Read one Prometheus series (summed over matching label sets) from a /metrics URL. */
+export async function metric(url: string, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const text = await (await fetch(url)).text();
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(name)) continue;
+    const m = /^([a-z_]+)(\{[^}]*\})?\s+(\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const ls = m[2] ?? '';
+    if (Object.entries(labels).every(([k, v]) => ls.includes(`${k}="${v}"`))) sum += Number(m[3]);
+  }
+  return sum;
+}
