@@ -3,9 +3,6 @@
 import { writeFileSync, rmSync } from 'node:fs';
 import { Command } from 'commander';
 
-import { loadEdgeConfig } from '../edge/config.js';
-import { Edge } from '../edge/edge.js';
-import { createLogger } from '../log/logger.js';
 
 export function registerEdge(program: Command): void {
   program
@@ -31,6 +28,8 @@ Example (cloud side):
   volumes: [ { name: web, peer: onprem } ]`,
     )
     .action(async (o: { config: string; check?: boolean; pidFile?: string }) => {
+      // Loaded here so `spillway --help` and other commands start fast.
+      const [{ loadEdgeConfig }, { Edge }, { createLogger }] = await Promise.all([import('../edge/config.js'), import('../edge/edge.js'), import('../log/logger.js')]);
       const config = loadEdgeConfig(o.config);
       if (o.check) {
         process.stdout.write(`${o.config}: valid (site ${config.site}, ${config.volumes.length} volume(s), ${config.peers.length} peer(s))\n`);

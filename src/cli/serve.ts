@@ -6,11 +6,8 @@ import { Duplex } from 'node:stream';
 import { Command, InvalidArgumentError, Option } from 'commander';
 
 import type { BlockDevice } from '../block/device.js';
-import { openImageStack } from '../block/stack.js';
-import { createLogger } from '../log/logger.js';
-import { NbdServer, type NbdExport } from '../nbd/server.js';
+import type { NbdExport } from '../nbd/server.js';
 import { DEFAULT_PORT } from '../nbd/protocol.js';
-import { startMetricsServer } from '../metrics/http.js';
 
 function parsePort(v: string): number {
   const n = Number(v);
@@ -88,6 +85,13 @@ function parseImageArg(arg: string, index: number, firstName: string): { name: s
 }
 
 async function serve(images: string[], opts: ServeOptions): Promise<void> {
+  // Loaded here, not at the top, so `spillway --help` and other commands start fast.
+  const [{ openImageStack }, { createLogger }, { NbdServer }, { startMetricsServer }] = await Promise.all([
+    import('../block/stack.js'),
+    import('../log/logger.js'),
+    import('../nbd/server.js'),
+    import('../metrics/http.js'),
+  ]);
   const log = createLogger('serve');
   if ((opts.tlsCert === undefined) !== (opts.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
   if (opts.tlsCa && !opts.tlsCert) throw new Error('--tls-ca needs --tls-cert and --tls-key');

@@ -205,3 +205,41 @@ describe('a VM boots from the remote export while its disk is at the other edge'
   });
 });
 
+
+describe('a dropped link stalls reads; they fail only after the I/O timeout', { timeout: 300_000 }, () => {
+  it('a read waits for the link to come back, and one that waits too long gets EIO', async (t) => {
+    const tmp = await tempDir('spw-stall-');
+    let sites: TwoSites | undefined;
+    try {
+      const image = path.join(tmp.dir, 'disk.img');
+      await writeFile(image, randomBytes(16 * 1024 * 1024));
+      sites = await startTwoSites(tmp.dir, image, { ioTimeout: '8s' });
+      const s = sites;
+      const qemuRead = (offset: string) => run('qemu-io', ['-r', '-f', 'raw', '-c', `read ${offset} 64k`, s.uri()], { allowFail: true });
+
+      await s.wanem.stop();
+      const started = Date.now();
+      const waiting = qemuRead('1M');
+      await new Promise((r) => setTimeout(r, 2500));
+      await s.startWanem();
+      const r1 = await waiting;
+      t.diagnostic(`read across a 2.5 s outage took ${Date.now() - started} ms`);
+      assert.equal(r1.code, 0, `the read must survive the outage: ${r1.stdout}${r1.stderr}`);
+
+      await s.wanem.stop();
+      const r2 = await qemuRead('9M');
+      assert.notEqual(r2.code, 0, 'with the link gone for longer than ioTimeout the read must fail');
+      assert.match(r2.stdout + r2.stderr, /Input\/output error/);
+      assert.ok((await metric(s.metricsUrl, 'spillway_remote_fetch_timeouts_total')) >= 1);
+
+      // and everything is right once the link is back
+      await s.startWanem();
+      const copy = path.join(tmp.dir, 'copy.img');
+      await run('nbdcopy', [s.uri(), copy]);
+      await cmp(image, copy);
+    } finally {
+      await sites?.stop();
+      await tmp.cleanup();
+    }
+  });
+});

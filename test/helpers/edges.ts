@@ -32,16 +32,37 @@ export interface TwoSites {
   stop: () => Promise<void>;
 }
 
-export async function makePki(dir: string, names: string[]): Promise<string> {
+export async function makePki(dir: string, names: string[], cli: string = CLI): Promise<string> {
   const pki = path.join(dir, 'pki');
-  await run(process.execPath, [CLI, 'pki', 'init', '--dir', pki]);
-  for (const n of names) await run(process.execPath, [CLI, 'pki', 'issue', '--dir', pki, n]);
+  await run(process.execPath, [cli, 'pki', 'init', '--dir', pki]);
+  for (const n of names) await run(process.execPath, [cli, 'pki', 'issue', '--dir', pki, n]);
   return pki;
 }
 
+/** Options of startTwoSites; every one is optional and defaults to the edge's own default. */
+export interface TwoSitesOptions {
+  wan?: WanOptions;
+  volume?: string;
+  cacheSize?: string;
+  ioTimeout?: string;
+  /** cloud edge: peers[].connections (default 2). */
+  connections?: number;
+  /** cloud edge: link.window, as the config file spells it ("8MiB"); default: the edge's. */
+  window?: string;
+  /** cloud edge: volumes[].readAhead in chunks; default: the edge's. */
+  readAhead?: number;
+  /** YAML appended to the cloud edge's file (top-level keys it does not set yet). */
+  cloudExtra?: string;
+  /** environment of the edge processes (e.g. NODE_OPTIONS=--cpu-prof); default: this process's. */
+  env?: { onprem?: NodeJS.ProcessEnv; cloud?: NodeJS.ProcessEnv };
+  /** cli.js to run for the PKI, the edges and the relay (default dist/cli.js), e.g. a copy of a build. */
+  cli?: string;
+}
+
 /** Set up and start both edges and the relay. `image` must exist. */
-export async function startTwoSites(dir: string, image: string, o: { wan?: WanOptions; volume?: string; cacheSize?: string; ioTimeout?: string; connections?: number; cloudExtra?: string } = {}): Promise<TwoSites> {
-  const pki = await makePki(dir, ['onprem', 'cloud']);
+export async function startTwoSites(dir: string, image: string, o: TwoSitesOptions = {}): Promise<TwoSites> {
+  const cli = o.cli ?? CLI;
+  const pki = await makePki(dir, ['onprem', 'cloud'], cli);
   const volume = o.volume ?? 'disk';
   const [linkPort, wanPort, nbdPort, metricsPort] = [await freePort(), await freePort(), await freePort(), await freePort()];
   const onpremYaml = path.join(dir, 'onprem.yaml');
@@ -63,29 +84,29 @@ state: ${dir}/state-cloud
 tls: { ca: ${pki}/ca.pem, cert: ${pki}/cloud.pem, key: ${pki}/cloud.key }
 nbd: { listen: "127.0.0.1:${nbdPort}" }
 metrics: { listen: "127.0.0.1:${metricsPort}" }
-cache: { dir: ${dir}/cache, size: ${o.cacheSize ?? '2GiB'} }
+${o.window === undefined ? '' : `link: { window: ${o.window} }\n`}cache: { dir: ${dir}/cache, size: ${o.cacheSize ?? '2GiB'} }
 peers: [ { name: onprem, address: "127.0.0.1:${wanPort}", connections: ${o.connections ?? 2} } ]
 volumes:
-  - { name: ${volume}, peer: onprem, ioTimeout: ${o.ioTimeout ?? '120s'} }
+  - { name: ${volume}, peer: onprem, ioTimeout: ${o.ioTimeout ?? '120s'}${o.readAhead === undefined ? '' : `, readAhead: ${o.readAhead}`} }
 ${o.cloudExtra ?? ''}`,
   );
   const statsFile = path.join(dir, 'wanem.json');
   const sites: Partial<TwoSites> & { dir: string } = { dir, image, nbdPort };
   const wanOpts = o.wan ?? {};
   sites.startWanem = async (w: WanOptions = wanOpts) => {
-    const p = startProc(process.execPath, [CLI, 'wanem', '--listen', `127.0.0.1:${wanPort}`, '--target', `127.0.0.1:${linkPort}`, '--delay-ms', String(w.delayMs ?? 0), '--rate-mbit', String(w.rateMbit ?? 0), '--stats-file', statsFile, ...(w.extra ?? [])]);
+    const p = startProc(process.execPath, [cli, 'wanem', '--listen', `127.0.0.1:${wanPort}`, '--target', `127.0.0.1:${linkPort}`, '--delay-ms', String(w.delayMs ?? 0), '--rate-mbit', String(w.rateMbit ?? 0), '--stats-file', statsFile, ...(w.extra ?? [])]);
     await waitForProc(p, { port: wanPort });
     sites.wanem = p;
     return p;
   };
   sites.startOnprem = async () => {
-    const p = startProc(process.execPath, [CLI, 'edge', '--config', onpremYaml]);
+    const p = startProc(process.execPath, [cli, 'edge', '--config', onpremYaml], o.env?.onprem ? { env: o.env.onprem } : {});
     await waitForProc(p, { port: linkPort });
     sites.onprem = p;
     return p;
   };
   sites.startCloud = async () => {
-    const p = startProc(process.execPath, [CLI, 'edge', '--config', cloudYaml]);
+    const p = startProc(process.execPath, [cli, 'edge', '--config', cloudYaml], o.env?.cloud ? { env: o.env.cloud } : {});
     await waitForProc(p, { port: nbdPort });
     sites.cloud = p;
     return p;

@@ -1,7 +1,8 @@
 // Shared helpers for the NBD interop and fuzz tests: images with known contents, the real
-// client tools (nbdinfo, nbdsh, qemu-io, ...) with a loud failure when one is missing, a tiny
-// in-memory BlockDevice, and a minimal raw NBD client built on our own codec for the cases no
-// real client can send (unknown commands, hostile option sequences).
+// client tools (nbdinfo, nbdsh, qemu-io, ...) with a loud failure when one is missing, devices
+// for in-process servers, and a raw NBD client on our own codec for what no correct client
+// sends (unknown commands, hostile option sequences, plaintext after STARTTLS). The project's
+// NbdClient (src/nbd/client.ts) is the one to use for well-behaved traffic.
 
 import { existsSync } from 'node:fs';
 import { open } from 'node:fs/promises';
@@ -18,7 +19,6 @@ import {
   decodeServerGreeting,
   encodeClientFlags,
   encodeGoInfo,
-  encodeMetaContext,
   encodeOption,
   encodeRequest,
   NEED_MORE,
@@ -32,13 +32,13 @@ import {
   CMD,
   INFO,
   MAX_OPTION_LENGTH,
-  META_CONTEXT_BASE_ALLOCATION,
   OPT,
   OPTION_REPLY_HEADER_SIZE,
   REP,
   REPLY_FLAG_DONE,
   REPLY_TYPE,
   REQUEST_SIZE,
+  SIMPLE_REPLY_MAGIC,
   SIMPLE_REPLY_SIZE,
   STRUCTURED_REPLY_HEADER_SIZE,
   isReplyError,
@@ -98,9 +98,9 @@ function envForNbdsh(): Promise<NodeJS.ProcessEnv> {
  * Run a Python script under nbdsh (`h` is a fresh handle, `nbd` the module). The script prints
  * one JSON value on its last line, which is returned parsed.
  */
-export async function nbdshJson<T>(script: string, args: string[] = []): Promise<T> {
+export async function nbdshJson<T>(script: string): Promise<T> {
   const prelude = ['import json', 'def errno_of(f, *a, **k):', '    try:', '        f(*a, **k)', '        return 0', '    except nbd.Error as e:', '        return e.errnum', ''].join('\n');
-  const r = await run('nbdsh', [...args, '-c', `${prelude}\n${script}`], { env: await envForNbdsh() });
+  const r = await run('nbdsh', ['-c', `${prelude}\n${script}`], { env: await envForNbdsh() });
   const lines = r.stdout.trim().split('\n');
   return JSON.parse(lines[lines.length - 1] ?? 'null') as T;
 }
@@ -161,9 +161,6 @@ export async function makeFilledImage(file: string, size: number, seed: number):
 
 export interface ServeOpts {
   readonly?: boolean;
-  exportName?: string;
-  /** more arguments for `spillway serve` */
-  extra?: string[];
 }
 
 /**
@@ -173,10 +170,10 @@ export interface ServeOpts {
  */
 export async function serveImage(image: string, opts: ServeOpts = {}): Promise<Served> {
   if (process.env.SPILLWAY_NBD_REFERENCE === 'qemu-nbd') {
-    const peer = await startQemuNbd(image, { format: 'raw', exportName: opts.exportName ?? '', readOnly: opts.readonly });
+    const peer = await startQemuNbd(image, { format: 'raw', exportName: '', readOnly: opts.readonly });
     return { ...peer.proc, uri: peer.uri, port: peer.port };
   }
-  return startServe(image, [...(opts.readonly ? ['--readonly'] : []), ...(opts.extra ?? [])], { exportName: opts.exportName });
+  return startServe(image, opts.readonly ? ['--readonly'] : []);
 }
 
 /** Run `fn` with a server on `image`, and stop the server whatever happens. */
@@ -261,8 +258,6 @@ export interface CommandResult {
   error: number;
   /** READ data on success */
   data?: Buffer;
-  /** BLOCK_STATUS descriptors on success (raw payload of the chunk) */
-  payload?: Buffer;
 }
 
 /** Raw NBD peer: every step is explicit so a test can stop or misbehave at any point. */
@@ -312,14 +307,10 @@ export class RawNbdClient {
     }
   }
 
-  async negotiateStructured(metaContext = false, exportName = ''): Promise<void> {
+  async negotiateStructured(): Promise<void> {
     const r = await this.option(OPT.STRUCTURED_REPLY);
     if (r.at(-1)?.type !== REP.ACK) throw new Error('server refused structured replies');
     this.structured = true;
-    if (metaContext) {
-      const m = await this.option(OPT.SET_META_CONTEXT, encodeMetaContext({ name: exportName, queries: [META_CONTEXT_BASE_ALLOCATION] }));
-      if (!m.some((x) => x.type === REP.META_CONTEXT)) throw new Error('server did not select base:allocation');
-    }
   }
 
   /** NBD_OPT_GO; resolves with the export's size and flags, rejects on an error reply. */
@@ -350,7 +341,7 @@ export class RawNbdClient {
 
   private async readReply(handle: bigint, type: number, offset: number, length: number): Promise<CommandResult> {
     const first = await this.reader.read(4);
-    const rest = await this.reader.read((first.readUInt32BE(0) === 0x67446698 ? SIMPLE_REPLY_SIZE : STRUCTURED_REPLY_HEADER_SIZE) - 4);
+    const rest = await this.reader.read((first.readUInt32BE(0) === SIMPLE_REPLY_MAGIC ? SIMPLE_REPLY_SIZE : STRUCTURED_REPLY_HEADER_SIZE) - 4);
     const h = decodeReplyHeader(Buffer.concat([first, rest]), 0, 64 * 1024 * 1024);
     if (h === NEED_MORE) throw new Error('unreachable');
     if (h.msg.handle !== handle) throw new Error(`reply for handle ${h.msg.handle}, expected ${handle}`);
@@ -361,31 +352,24 @@ export class RawNbdClient {
     // Structured: gather chunks up to DONE.
     const data = type === CMD.READ ? Buffer.alloc(length) : undefined;
     let error = 0;
-    let payload: Buffer | undefined;
     let chunk = h.msg;
     for (;;) {
       const body = chunk.length > 0 ? await this.reader.read(chunk.length) : Buffer.alloc(0);
       if (isReplyTypeError(chunk.type)) error = parseErrorPayload(body, chunk.type === REPLY_TYPE.ERROR_OFFSET).error;
       else if (chunk.type === REPLY_TYPE.OFFSET_DATA) body.copy(data!, Number(body.readBigUInt64BE(0)) - offset, 8);
       else if (chunk.type === REPLY_TYPE.OFFSET_HOLE) data!.fill(0, Number(body.readBigUInt64BE(0)) - offset, Number(body.readBigUInt64BE(0)) - offset + body.readUInt32BE(8));
-      else if (chunk.type === REPLY_TYPE.BLOCK_STATUS) payload = body;
       if ((chunk.flags & REPLY_FLAG_DONE) !== 0) break;
       const next = decodeReplyHeader(await this.reader.read(STRUCTURED_REPLY_HEADER_SIZE), 0, 64 * 1024 * 1024);
       if (next === NEED_MORE || next.msg.kind !== 'structured' || next.msg.handle !== handle) throw new Error('bad structured reply chunk');
       chunk = next.msg;
     }
-    return error !== 0 ? { error } : { error: 0, data, payload };
+    return error !== 0 ? { error } : { error: 0, data };
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
     const r = await this.command(CMD.READ, offset, length);
     if (r.error !== 0) throw new NbdReplyError(r.error, `read ${offset}+${length} failed with NBD error ${r.error}`);
     return r.data!;
-  }
-
-  async write(offset: number, data: Buffer, flags = 0): Promise<void> {
-    const r = await this.command(CMD.WRITE, offset, data.length, { flags, payload: data });
-    if (r.error !== 0) throw new NbdReplyError(r.error, `write ${offset}+${data.length} failed with NBD error ${r.error}`);
   }
 
   /**

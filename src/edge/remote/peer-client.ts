@@ -39,6 +39,9 @@ export class PeerClient extends EventEmitter {
   private readonly ready = new Set<LinkConnection>();
   private readonly dialing = new Set<number>();
   private stopped = false;
+  /** dialers sleeping through their backoff; kick() wakes them. */
+  private readonly sleepers = new Set<() => void>();
+  private lastKick = 0;
   private rr = 0;
   private lastError = '';
   reconnects = 0;
@@ -73,12 +76,25 @@ export class PeerClient extends EventEmitter {
     this.ready.clear();
   }
 
-  /** Send on a ready connection (round robin). False when none is ready. */
+  /** Send on a ready connection (round robin). False when none is ready; then the dialers
+   *  are told to retry now rather than at the end of a long backoff, since someone waits. */
   send(msg: LinkMessage): boolean {
     const conns = [...this.ready];
-    if (conns.length === 0) return false;
+    if (conns.length === 0) {
+      this.kick();
+      return false;
+    }
     const c = conns[this.rr++ % conns.length]!;
     return c.send(msg);
+  }
+
+  /** Cut the dialers' backoff short (at most twice a second): work is waiting for the link. */
+  kick(): void {
+    const now = Date.now();
+    if (now - this.lastKick < 500) return;
+    this.lastKick = now;
+    for (const wake of this.sleepers) wake();
+    this.sleepers.clear();
   }
 
   /** Resolves when at least one connection is ready; rejects on abort. */
@@ -142,7 +158,15 @@ export class PeerClient extends EventEmitter {
         this.dialing.delete(slot);
       }
       if (this.stopped) return;
-      await new Promise((r) => setTimeout(r, delay * (0.75 + Math.random() / 2)).unref());
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(wake, delay * (0.75 + Math.random() / 2));
+        timer.unref();
+        function wake(): void {
+          clearTimeout(timer);
+          resolve();
+        }
+        this.sleepers.add(wake);
+      });
       delay = Math.min(max, delay * 2);
     }
   }
