@@ -579,45 +579,68 @@ interface BuiltImage {
   files: number;
   fileBytes: number;
   imageBytes: number;
-  sources: string[];
+  /** Files and bytes taken from each source root. */
+  sources: Record<string, { files: number; bytes: number }>;
   mkfs: string;
 }
 
-/** Copy system files (round robin over SOURCE_ROOTS) into a staging tree, then mkfs.ext4 -d. */
+/** mulberry32: a small seeded PRNG, so one machine always builds the same image. */
+function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+/**
+ * Copy system files into a staging tree, then mkfs.ext4 -d. Each root gives an equal share of
+ * the bytes (so the text, compressed documentation and images of /usr/share weigh as much as the
+ * binaries of /usr/lib and /usr/bin); within a root, files come in a seeded random order, so
+ * the sample spans the whole tree rather than its first directories.
+ */
 async function buildExt4Image(dir: string, budget: number): Promise<BuiltImage> {
   const staging = path.join(dir, 'staging');
-  const walkers = SOURCE_ROOTS.map((r) => ({ root: r, it: walkFiles(r) }));
+  const random = seededRandom(0x5b111a7);
+  const roots = SOURCE_ROOTS.map((root) => {
+    const list = [...walkFiles(root)];
+    for (let i = list.length - 1; i > 0; i--) {
+      const j = Math.floor(random() * (i + 1));
+      [list[i], list[j]] = [list[j] as (typeof list)[number], list[i] as (typeof list)[number]];
+    }
+    return { root, list, next: 0, files: 0, bytes: 0 };
+  });
   let files = 0;
   let fileBytes = 0;
   let blocks = 0;
   const dirs = new Set<string>();
-  while (fileBytes < budget && walkers.length > 0) {
-    for (let i = 0; i < walkers.length && fileBytes < budget; ) {
-      const w = walkers[i] as (typeof walkers)[number];
-      const next = w.it.next();
-      if (next.done) {
-        walkers.splice(i, 1);
-        continue;
-      }
-      const rel = path.relative('/', next.value.file);
-      const dest = path.join(staging, rel);
-      const destDir = path.dirname(dest);
-      if (!dirs.has(destDir)) {
-        await mkdir(destDir, { recursive: true });
-        dirs.add(destDir);
-      }
-      try {
-        await copyFile(next.value.file, dest);
-      } catch {
-        i++;
-        continue;
-      }
-      files++;
-      fileBytes += next.value.size;
-      blocks += Math.ceil(next.value.size / 4096);
-      i++;
+  for (;;) {
+    // The root with the fewest bytes so far gives the next file.
+    const open = roots.filter((r) => r.next < r.list.length);
+    if (fileBytes >= budget || open.length === 0) break;
+    const r = open.reduce((a, b) => (b.bytes < a.bytes ? b : a));
+    const pick = r.list[r.next++] as { file: string; size: number };
+    const dest = path.join(staging, path.relative('/', pick.file));
+    const destDir = path.dirname(dest);
+    if (!dirs.has(destDir)) {
+      await mkdir(destDir, { recursive: true });
+      dirs.add(destDir);
     }
+    try {
+      await copyFile(pick.file, dest);
+    } catch {
+      continue;
+    }
+    r.files++;
+    r.bytes += pick.size;
+    files++;
+    fileBytes += pick.size;
+    blocks += Math.ceil(pick.size / 4096);
   }
+  const perRoot = Object.fromEntries(roots.map((r) => [r.root, { files: r.files, bytes: r.bytes }]));
   const img = path.join(dir, 'ext4.img');
   // Room for the data, metadata, the journal and some free space (free space is zero chunks).
   const imageMiB = Math.ceil(((blocks + dirs.size) * 4096 * 1.15) / MiB) + 64;
@@ -625,7 +648,7 @@ async function buildExt4Image(dir: string, budget: number): Promise<BuiltImage> 
   const args = ['-q', '-F', '-t', 'ext4', '-b', '4096', '-m', '0', '-N', String(inodes), '-E', 'lazy_itable_init=0,lazy_journal_init=0', '-d', staging, img, `${imageMiB}M`];
   await runCommand('mkfs.ext4', args, { timeoutMs: 600_000 });
   await rm(staging, { recursive: true, force: true });
-  return { path: img, files, fileBytes, imageBytes: (await stat(img)).size, sources: SOURCE_ROOTS, mkfs: `mkfs.ext4 ${args.join(' ')}` };
+  return { path: img, files, fileBytes, imageBytes: (await stat(img)).size, sources: perRoot, mkfs: `mkfs.ext4 ${args.join(' ')}` };
 }
 
 /** A raw view of `image`: qcow2 is converted with qemu-img into `dir`. */
@@ -771,11 +794,16 @@ async function compressAll(impl: CodecImpl, chunks: readonly Buffer[], out: Byte
 
 async function decompressAll(impl: CodecImpl, payloads: readonly Bytes[], lengths: number): Promise<Elapsed> {
   let sink = 0;
+  let i = 0;
   const m = mark();
-  if (impl.async) {
-    for (const p of payloads) sink += (await (impl.decompress(p, lengths) as Promise<Bytes>)).length;
-  } else {
-    for (const p of payloads) sink += (impl.decompress(p, lengths) as Bytes).length;
+  try {
+    if (impl.async) {
+      for (; i < payloads.length; i++) sink += (await (impl.decompress(payloads[i] as Bytes, lengths) as Promise<Bytes>)).length;
+    } else {
+      for (; i < payloads.length; i++) sink += (impl.decompress(payloads[i] as Bytes, lengths) as Bytes).length;
+    }
+  } catch (e) {
+    throw new Error(`decompressing payload ${i} of ${payloads.length} (${payloads[i]?.length ?? '?'} bytes): ${(e as Error).message}`, { cause: e });
   }
   const e = since(m);
   if (sink !== payloads.length * lengths) throw new Error(`decompressed ${sink} bytes, expected ${payloads.length * lengths}`);
@@ -786,7 +814,12 @@ async function verifyRoundTrip(impl: CodecImpl, chunks: readonly Buffer[], paylo
   const step = Math.max(1, Math.floor(chunks.length / 200));
   for (let i = 0; i < chunks.length; i += step) {
     const src = chunks[i] as Buffer;
-    const back = await impl.decompress(payloads[i] as Bytes, src.length);
+    let back: Bytes;
+    try {
+      back = await impl.decompress(payloads[i] as Bytes, src.length);
+    } catch (e) {
+      throw new Error(`round trip of chunk ${i}: ${(e as Error).message}`, { cause: e });
+    }
     if (!Buffer.from(back.buffer, back.byteOffset, back.byteLength).equals(src)) throw new Error(`round trip differs at chunk ${i}`);
   }
 }
@@ -1027,6 +1060,8 @@ async function main(): Promise<void> {
   } else {
     console.error(`building an ext4 image from ${formatSize(opts.fsBytes)} of ${SOURCE_ROOTS.join(', ')} …`);
     const built = await buildExt4Image(tmp.dir, opts.fsBytes);
+    const mix = Object.entries(built.sources).map(([root, v]) => `${root} ${v.files} files ${formatSize(v.bytes)}`);
+    console.error(`image: ${formatSize(built.imageBytes)} ext4 holding ${mix.join(', ')}`);
     imagePath = built.path;
     imageInfo = { source: 'built', format: 'raw ext4', ...built, path: undefined };
   }
@@ -1088,9 +1123,11 @@ async function main(): Promise<void> {
   for (let rep = 0; rep <= opts.repeats; rep++) {
     for (const entry of [...loaded]) {
       const { spec, impl, stride } = entry;
+      let failedSet = '';
       process.stderr.write(`\r${rep === 0 ? 'warm-up' : `pass ${rep}/${opts.repeats}`}: ${spec.id.padEnd(20)}`);
       try {
         for (const [name, all] of sets) {
+          failedSet = name;
           const key = `${spec.id}/${name}`;
           const chunks = stride === 1 ? all : all.filter((_, i) => i % stride === 0);
           const out: Bytes[] = new Array<Bytes>(chunks.length);
@@ -1110,7 +1147,7 @@ async function main(): Promise<void> {
         // A candidate that fails on real data is a finding, not the end of the bench.
         const r = results.get(spec.id) as CodecResult;
         r.available = false;
-        r.error = `failed during the timed passes: ${(e as Error).message.split('\n')[0] ?? 'error'}`;
+        r.error = `failed on the ${failedSet} data, pass ${rep}: ${(e as Error).message.split('\n')[0] ?? 'error'}`;
         console.error(`\n${spec.id}: ${r.error}`);
         loaded.splice(loaded.indexOf(entry), 1);
       }

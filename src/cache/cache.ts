@@ -150,8 +150,10 @@ class Blob implements PolicyNode {
   }
 }
 
+/** Map key of a blob: family number and the id's bytes as a one-byte string (cheap to build and hash). */
 function blobKey(fid: number, id: Uint8Array): string {
-  return `${fid}:${Buffer.from(id.buffer, id.byteOffset, id.length).toString('base64')}`;
+  const b = Buffer.isBuffer(id) ? id : Buffer.from(id.buffer, id.byteOffset, id.length);
+  return `${fid}:${b.toString('latin1')}`;
 }
 
 function checkName(what: string, name: string): void {
@@ -287,10 +289,10 @@ export class SecureCache implements CacheGaugeSource {
   private static async load(dir: string, opts: SecureCacheOptions, lockFile: string): Promise<SecureCache> {
     // Replay into plain maps first; build the live structures once everything is known.
     const fams = new Map<number, { name: string; check: Buffer }>();
-    const vols = new Map<number, { name: string | null; fid: number; chunks: Map<number, { fid: number; id: Buffer } | typeof ZERO> }>();
+    const vols = new Map<number, { name: string | null; fid: number; chunks: Map<number, ChunkRef> }>();
     const blobs = new Map<string, Extract<IndexRecord, { type: typeof REC.BLOB }>>();
     const slotOwner = new Map<string, string>(); // "size:slot" → blob key
-    const volOf = (vid: number): { name: string | null; fid: number; chunks: Map<number, { fid: number; id: Buffer } | typeof ZERO> } => {
+    const volOf = (vid: number): { name: string | null; fid: number; chunks: Map<number, ChunkRef> } => {
       let v = vols.get(vid);
       if (!v) {
         v = { name: null, fid: 0, chunks: new Map() };
@@ -330,7 +332,7 @@ export class SecureCache implements CacheGaugeSource {
           dropBlob(blobKey(rec.fid, rec.id));
           break;
         case REC.MAP:
-          volOf(rec.vid).chunks.set(rec.index, { fid: rec.fid, id: rec.id });
+          volOf(rec.vid).chunks.set(rec.index, blobKey(rec.fid, rec.id));
           break;
         case REC.ZERO:
           volOf(rec.vid).chunks.set(rec.index, ZERO);
@@ -387,11 +389,8 @@ export class SecureCache implements CacheGaugeSource {
       for (const [vid, v] of vols) {
         cache.nextVid = Math.max(cache.nextVid, vid + 1);
         if (v.name === null) continue;
-        const vol: Volume = { vid, name: v.name, fid: cache.familiesById.has(v.fid) ? v.fid : 0, chunks: new Map() };
-        for (const [index, c] of v.chunks) {
-          if (c === ZERO) vol.chunks.set(index, ZERO);
-          else if (cache.familiesById.has(c.fid)) vol.chunks.set(index, blobKey(c.fid, c.id));
-        }
+        // Mappings to blobs that were not kept dangle harmlessly: lookup() sees no blob.
+        const vol: Volume = { vid, name: v.name, fid: cache.familiesById.has(v.fid) ? v.fid : 0, chunks: v.chunks };
         cache.volumes.set(v.name, vol);
       }
       cache.recovery = { ...report, blobsLoaded: cache.blobs.size, droppedOnLoad };

@@ -16,6 +16,7 @@ import { constants as fsc } from 'node:fs';
 import { open, readdir, readFile, rename, truncate, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { CacheError } from './errors.js';
+import { crc32 } from 'node:zlib';
 import {
   decodeFileHeader,
   decodeRecord,
@@ -23,7 +24,9 @@ import {
   encodeRecord,
   FILE_HEADER_SIZE,
   FORMAT_VERSION,
+  FRAME_HEADER_SIZE,
   LOG_MAGIC,
+  MAX_BODY,
   NEED_MORE,
   REC,
   recordSize,
@@ -66,24 +69,13 @@ async function syncDir(dir: string): Promise<void> {
 }
 
 /**
- * Apply the records of one file. Returns how many were applied, whether the file ended cleanly,
- * whether its header was valid, and the length of its valid prefix.
+ * Apply the records of one log. Returns how many were applied, whether the file ended cleanly,
+ * whether its header was valid, and the length of its valid prefix (the tear, if any).
  */
-function replayBuffer(
-  buf: Buffer,
-  magic: Buffer,
-  gen: number,
-  apply: (rec: IndexRecord) => void,
-  isSnapshot: boolean,
-): { n: number; clean: boolean; headerOk: boolean; validLength: number } {
-  const h = decodeFileHeader(buf);
-  if (!h || !h.magic.equals(magic) || h.gen !== gen) return { n: 0, clean: false, headerOk: false, validLength: 0 };
-  if (h.version !== FORMAT_VERSION) {
-    throw new CacheError('SPW_ERR_CACHE_FORMAT', `cache index format ${h.version} is not ${FORMAT_VERSION}; use a matching spillway or an empty cache directory`);
-  }
+function replayLog(buf: Buffer, gen: number, apply: (rec: IndexRecord) => void): { n: number; clean: boolean; headerOk: boolean; validLength: number } {
+  if (!headerMatches(buf, LOG_MAGIC, gen)) return { n: 0, clean: false, headerOk: false, validLength: 0 };
   let o = FILE_HEADER_SIZE;
   let n = 0;
-  const recs: IndexRecord[] = [];
   for (;;) {
     let r: ReturnType<typeof decodeRecord>;
     try {
@@ -91,22 +83,55 @@ function replayBuffer(
     } catch {
       break;
     }
-    if (r === NEED_MORE) break;
+    if (r === NEED_MORE || r.rec.type === REC.END) break;
+    apply(r.rec);
     o += r.bytesRead;
-    if (r.rec.type === REC.END) {
-      if (!isSnapshot || r.rec.count !== recs.length) return { n: 0, clean: false, headerOk: true, validLength: 0 };
-      for (const rec of recs) apply(rec);
-      return { n: recs.length, clean: true, headerOk: true, validLength: o };
-    }
-    if (isSnapshot) recs.push(r.rec);
-    else {
-      apply(r.rec);
-      n++;
-    }
+    n++;
   }
-  // A snapshot without its END record is not used at all; a log is used up to the tear.
-  if (isSnapshot) return { n: 0, clean: false, headerOk: true, validLength: 0 };
   return { n, clean: o === buf.length, headerOk: true, validLength: o };
+}
+
+/**
+ * Apply the records of a snapshot, all or nothing: first walk the frames to the END record and
+ * check its count and its CRC over every frame before it, then decode and apply (the per-frame
+ * CRCs are covered by that one check). Returns the number of records, or null when invalid.
+ */
+function replaySnapshot(buf: Buffer, gen: number, apply: (rec: IndexRecord) => void): number | null {
+  if (!headerMatches(buf, SNAP_MAGIC, gen)) return null;
+  let o = FILE_HEADER_SIZE;
+  let count = 0;
+  for (;;) {
+    if (buf.length - o < FRAME_HEADER_SIZE + 1) return null;
+    const len = buf.readUInt32BE(o);
+    if (len === 0 || len > MAX_BODY || buf.length - o - FRAME_HEADER_SIZE < len) return null;
+    if (buf[o + FRAME_HEADER_SIZE] === REC.END) break;
+    o += FRAME_HEADER_SIZE + len;
+    count++;
+  }
+  let end: ReturnType<typeof decodeRecord>;
+  try {
+    end = decodeRecord(buf, o);
+  } catch {
+    return null;
+  }
+  if (end === NEED_MORE || end.rec.type !== REC.END || o + end.bytesRead !== buf.length) return null;
+  if (end.rec.count !== count || end.rec.crc !== crc32(buf.subarray(FILE_HEADER_SIZE, o))) return null;
+  for (let p = FILE_HEADER_SIZE; p < o; ) {
+    const r = decodeRecord(buf, p, false);
+    if (r === NEED_MORE) return null; // cannot happen: the walk above checked every length
+    apply(r.rec);
+    p += r.bytesRead;
+  }
+  return count;
+}
+
+function headerMatches(buf: Buffer, magic: Buffer, gen: number): boolean {
+  const h = decodeFileHeader(buf);
+  if (!h || !h.magic.equals(magic) || h.gen !== gen) return false;
+  if (h.version !== FORMAT_VERSION) {
+    throw new CacheError('SPW_ERR_CACHE_FORMAT', `cache index format ${h.version} is not ${FORMAT_VERSION}; use a matching spillway or an empty cache directory`);
+  }
+  return true;
 }
 
 export class IndexJournal {
@@ -157,10 +182,9 @@ export class IndexJournal {
     let discardAll = false;
     if (newest !== undefined) {
       const buf = await readFile(path.join(dir, snapName(newest)));
-      const staged: IndexRecord[] = [];
-      const { n, clean } = replayBuffer(buf, SNAP_MAGIC, newest, (r) => staged.push(r), true);
-      if (clean) {
-        for (const r of staged) apply(r);
+      // Validated whole before anything is applied, so a bad snapshot changes nothing.
+      const n = replaySnapshot(buf, newest, apply);
+      if (n !== null) {
         records += n;
         base = newest;
       } else {
@@ -182,7 +206,7 @@ export class IndexJournal {
         continue;
       }
       const buf = await readFile(file);
-      const r = replayBuffer(buf, LOG_MAGIC, g, apply, false);
+      const r = replayLog(buf, g, apply);
       records += r.n;
       logsReplayed++;
       expect = g + 1;
@@ -311,9 +335,13 @@ export class IndexJournal {
     try {
       const CHUNK = 1 << 20;
       let buf = Buffer.allocUnsafe(CHUNK);
-      let used = 0;
+      let used = encodeFileHeader(SNAP_MAGIC, gen).copy(buf, 0);
+      let crcFrom = used; // the header is not covered by the END record's CRC
+      let crc = 0;
       let pos = 0;
       const flush = async (): Promise<void> => {
+        crc = crc32(buf.subarray(crcFrom, used), crc);
+        crcFrom = 0;
         let done = 0;
         while (done < used) {
           const { bytesWritten } = await fh.write(buf, done, used - done, pos + done);
@@ -322,22 +350,23 @@ export class IndexJournal {
         pos += used;
         used = 0;
       };
-      used = encodeFileHeader(SNAP_MAGIC, gen).copy(buf, 0);
       let count = 0;
-      const put = async (rec: IndexRecord): Promise<void> => {
+      for (const rec of records) {
         const size = recordSize(rec);
         if (used + size > buf.length) {
-          await flush();
+          await flush(); // the only await: the event loop runs between 1 MiB writes
           signal?.throwIfAborted();
           if (size > buf.length) buf = Buffer.allocUnsafe(size);
         }
         used += encodeRecord(buf, used, rec);
-      };
-      for (const rec of records) {
-        await put(rec);
         count++;
       }
-      await put({ type: REC.END, count });
+      crc = crc32(buf.subarray(crcFrom, used), crc);
+      crcFrom = used;
+      const endRec: IndexRecord = { type: REC.END, count, crc };
+      if (used + recordSize(endRec) > buf.length) await flush();
+      used += encodeRecord(buf, used, endRec);
+      crcFrom = used;
       await flush();
       total = pos;
       await fh.sync();

@@ -53,8 +53,8 @@ export type IndexRecord =
   | { type: typeof REC.ZERO; vid: number; index: number }
   /** chunk `index` of volume `vid` is unknown (invalidated). */
   | { type: typeof REC.UNMAP; vid: number; index: number }
-  /** last record of a snapshot: how many records precede it. */
-  | { type: typeof REC.END; count: number };
+  /** last record of a snapshot: how many records precede it, and the CRC-32 of their frames. */
+  | { type: typeof REC.END; count: number; crc: number };
 
 export class RecordError extends Error {
   readonly code = 'SPW_ERR_CACHE_RECORD';
@@ -117,7 +117,7 @@ function bodySize(rec: IndexRecord): number {
     case REC.UNMAP:
       return 1 + 4 + 6;
     case REC.END:
-      return 1 + 4;
+      return 1 + 4 + 4;
   }
 }
 
@@ -175,6 +175,7 @@ export function encodeRecord(buf: Buffer, offset: number, rec: IndexRecord): num
       break;
     case REC.END:
       o = buf.writeUInt32BE(rec.count, o);
+      o = buf.writeUInt32BE(rec.crc, o);
       break;
   }
   const len = o - start;
@@ -212,30 +213,32 @@ function readName(b: Buffer, o: number, end: number): string {
   return b.toString('utf8', o + 2, o + 2 + n);
 }
 
-export function decodeRecord(buf: Buffer, offset: number): { rec: IndexRecord; bytesRead: number } | typeof NEED_MORE {
+/**
+ * Decode the frame at buf[offset..]. `verifyCrc` false skips the frame's own CRC, for frames
+ * already covered by a checked CRC (a snapshot's END record covers every frame before it).
+ */
+export function decodeRecord(buf: Buffer, offset: number, verifyCrc = true): { rec: IndexRecord; bytesRead: number } | typeof NEED_MORE {
   if (buf.length - offset < FRAME_HEADER_SIZE) return NEED_MORE;
   const len = buf.readUInt32BE(offset);
   if (len === 0 || len > MAX_BODY) throw new RecordError(`record length ${len} out of range`);
   if (buf.length - offset - FRAME_HEADER_SIZE < len) return NEED_MORE;
-  const body = buf.subarray(offset + FRAME_HEADER_SIZE, offset + FRAME_HEADER_SIZE + len);
-  if (crc32(body) !== buf.readUInt32BE(offset + 4)) throw new RecordError('record CRC mismatch');
+  if (verifyCrc && crc32(buf.subarray(offset + FRAME_HEADER_SIZE, offset + FRAME_HEADER_SIZE + len)) !== buf.readUInt32BE(offset + 4)) {
+    throw new RecordError('record CRC mismatch');
+  }
   // Fields are read straight from buf; every read is bounds-checked against the body's end.
   const b = buf;
   const start = offset + FRAME_HEADER_SIZE;
   const end = start + len;
   const type = b[start] as number;
   let o = start + 1;
-  const need = (n: number): void => {
-    if (o + n > end) truncated(o - start);
-  };
   let rec: IndexRecord;
   switch (type) {
     case REC.FAMILY: {
-      need(5);
+      if (o + 5 > end) truncated(o - start);
       const fid = b.readUInt32BE(o);
       const checkLen = b[o + 4] as number;
       o += 5;
-      need(checkLen);
+      if (o + checkLen > end) truncated(o - start);
       const check = b.subarray(o, o + checkLen);
       o += checkLen;
       const nameLen = o + 2 <= end ? b.readUInt16BE(o) : 0;
@@ -245,7 +248,7 @@ export function decodeRecord(buf: Buffer, offset: number): { rec: IndexRecord; b
       break;
     }
     case REC.VOLUME: {
-      need(8);
+      if (o + 8 > end) truncated(o - start);
       const vid = b.readUInt32BE(o);
       const fid = b.readUInt32BE(o + 4);
       o += 8;
@@ -256,11 +259,11 @@ export function decodeRecord(buf: Buffer, offset: number): { rec: IndexRecord; b
       break;
     }
     case REC.BLOB: {
-      need(5);
+      if (o + 5 > end) truncated(o - start);
       const fid = b.readUInt32BE(o);
       const id = readId(b, o + 4, end);
       o += 5 + id.length;
-      need(12 + NONCE_BYTES + TAG_BYTES);
+      if (o + 12 + NONCE_BYTES + TAG_BYTES > end) truncated(o - start);
       rec = {
         type,
         fid,
@@ -275,7 +278,7 @@ export function decodeRecord(buf: Buffer, offset: number): { rec: IndexRecord; b
       break;
     }
     case REC.DROP: {
-      need(5);
+      if (o + 5 > end) truncated(o - start);
       const fid = b.readUInt32BE(o);
       const id = readId(b, o + 4, end);
       o += 5 + id.length;
@@ -283,7 +286,7 @@ export function decodeRecord(buf: Buffer, offset: number): { rec: IndexRecord; b
       break;
     }
     case REC.MAP: {
-      need(15);
+      if (o + 15 > end) truncated(o - start);
       const vid = b.readUInt32BE(o);
       const index = b.readUIntBE(o + 4, 6);
       const fid = b.readUInt32BE(o + 10);
@@ -294,15 +297,15 @@ export function decodeRecord(buf: Buffer, offset: number): { rec: IndexRecord; b
     }
     case REC.ZERO:
     case REC.UNMAP: {
-      need(10);
+      if (o + 10 > end) truncated(o - start);
       rec = { type, vid: b.readUInt32BE(o), index: b.readUIntBE(o + 4, 6) };
       o += 10;
       break;
     }
     case REC.END:
-      need(4);
-      rec = { type, count: b.readUInt32BE(o) };
-      o += 4;
+      if (o + 8 > end) truncated(o - start);
+      rec = { type, count: b.readUInt32BE(o), crc: b.readUInt32BE(o + 4) };
+      o += 8;
       break;
     default:
       throw new RecordError(`unknown record type ${type}`);

@@ -25,7 +25,10 @@ Example (cloud side):
   metrics: { listen: 127.0.0.1:9400 }
   cache: { dir: /var/cache/spillway, size: 20GiB }
   peers: [ { name: onprem, address: 192.0.2.10:7400, connections: 4 } ]
-  volumes: [ { name: web, peer: onprem } ]`,
+  volumes: [ { name: web, peer: onprem } ]
+
+Signals: SIGTERM/SIGINT stop; SIGUSR1 prints the status as JSON on stderr;
+SIGHUP re-reads the file and applies cache.size while running.`,
     )
     .action(async (o: { config: string; check?: boolean; pidFile?: string }) => {
       // Loaded here so `spillway --help` and other commands start fast.
@@ -51,5 +54,20 @@ Example (cloud side):
       process.once('SIGTERM', () => stop('SIGTERM'));
       process.once('SIGINT', () => stop('SIGINT'));
       process.on('SIGUSR1', () => process.stderr.write(JSON.stringify(edge.status()) + '\n'));
+      // SIGHUP: re-read the file and apply what can change while running (the cache size).
+      process.on('SIGHUP', () => {
+        try {
+          const next = loadEdgeConfig(o.config);
+          if (next.cache && config.cache && next.cache.size !== config.cache.size) {
+            const size = next.cache.size;
+            edge.resizeCache(size).then(
+              () => (config.cache!.size = size),
+              (err: unknown) => log('error', 'cache resize failed', { err: (err as Error).message }),
+            );
+          } else log('info', 'configuration reloaded: nothing to apply while running (restart for other changes)');
+        } catch (err) {
+          log('error', 'configuration reload refused; keeping the running one', { err: (err as Error).message });
+        }
+      });
     });
 }

@@ -205,6 +205,13 @@ export class Edge {
     this.log('info', 'link listening', { address: `${addr.host}:${addr.port}`, volumes: [...this.localVolumes.keys()] });
   }
 
+  /** Grow or shrink the cache while running (evicts at once when shrinking). */
+  async resizeCache(maxBytes: number): Promise<void> {
+    if (!this.cache) throw new Error('this edge has no cache (no volume is served from a peer)');
+    await this.cache.resize(maxBytes);
+    this.log('info', 'cache resized', { maxBytes });
+  }
+
   get linkBytes(): { in: number; out: number } {
     let inb = 0;
     let outb = 0;

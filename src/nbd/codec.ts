@@ -379,7 +379,13 @@ export function encodeStructuredHeader(buf: Buffer, off: number, flags: number, 
 
 /** Payload of NBD_REPLY_TYPE_ERROR / ERROR_OFFSET. */
 export function encodeErrorPayload(error: number, message: string, offset?: number): Buffer {
-  const m = Buffer.from(message.slice(0, 1024), 'utf8');
+  let m = Buffer.from(message, 'utf8');
+  if (m.length > 1024) {
+    // cut on a character boundary: back off over UTF-8 continuation bytes (10xxxxxx)
+    let end = 1024;
+    while (end > 0 && (m[end]! & 0xc0) === 0x80) end--;
+    m = m.subarray(0, end);
+  }
   const b = Buffer.allocUnsafe(6 + m.length + (offset === undefined ? 0 : 8));
   b.writeUInt32BE(error, 0);
   b.writeUInt16BE(m.length, 4);

@@ -284,7 +284,9 @@ class Connection {
       if (length > MAX_OPTION_LENGTH) {
         if (option === OPT.EXPORT_NAME) throw new DisconnectError(`export name of ${length} bytes is too long`);
         await this.reader.skip(length);
-        this.reply(option, REP_ERR_.TOO_BIG, `option payload of ${length} bytes exceeds ${MAX_OPTION_LENGTH}`);
+        // FORCEDTLS: before STARTTLS, every option but STARTTLS/ABORT is answered TLS_REQD.
+        if (this.secureContext && !this.tlsActive && option !== OPT.STARTTLS && option !== OPT.ABORT) this.reply(option, REP_ERR_.TLS_REQD, 'this server requires TLS: use STARTTLS');
+        else this.reply(option, REP_ERR_.TOO_BIG, `option payload of ${length} bytes exceeds ${MAX_OPTION_LENGTH}`);
         continue;
       }
       const data = length > 0 ? await this.reader.read(length) : Buffer.alloc(0);

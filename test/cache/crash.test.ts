@@ -10,7 +10,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { cp, rm } from 'node:fs/promises';
+import { cp, mkdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -82,6 +82,7 @@ async function runChild(dir: string, round: number, lines: number, history: Map<
 void test('kill -9 at random points: reopening never serves wrong data and keeps what was acknowledged', async (t) => {
   const root = await tempDir(t, 'spw-cache-crash-');
   const dir = path.join(root, 'cache');
+  await mkdir(dir); // a child killed before it opened the cache leaves an empty directory
   const history = new Map<string, Op[]>();
   const seed = Number(process.env.SPILLWAY_CRASH_SEED ?? Date.now() % 100000);
   let x = seed | 1;

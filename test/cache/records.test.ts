@@ -28,7 +28,7 @@ const recordArb: fc.Arbitrary<IndexRecord> = fc.oneof(
   fc.record({ type: fc.constant(REC.MAP), vid: u32, index: idx, fid: u32, id }),
   fc.record({ type: fc.constant(REC.ZERO), vid: u32, index: idx }),
   fc.record({ type: fc.constant(REC.UNMAP), vid: u32, index: idx }),
-  fc.record({ type: fc.constant(REC.END), count: u32 }),
+  fc.record({ type: fc.constant(REC.END), count: u32, crc: u32 }),
 );
 
 function decodeAll(buf: Buffer): IndexRecord[] {

@@ -98,6 +98,22 @@ describe('two edges over an emulated WAN', { timeout: 600_000 }, () => {
     assert.equal(await metric(sites.metricsUrl, 'spillway_remote_chunk_reads_total', { tier: 'link' }), 0);
   });
 
+  it('SIGHUP applies a new cache size while running, evicting down to it', async () => {
+    const yaml = path.join(tmp.dir, 'cloud.yaml');
+    await writeFile(yaml, (await readFile(yaml, 'utf8')).replace(/size: [^ }]+/, 'size: 2MiB'));
+    sites.cloud.child.kill('SIGHUP');
+    const deadline = Date.now() + 30000;
+    while ((await metric(sites.metricsUrl, 'spillway_cache_max_bytes')) !== 2 * 1024 * 1024) {
+      assert.ok(Date.now() < deadline, `cache size not applied:\n${sites.cloud.stderr().slice(-2000)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.ok((await metric(sites.metricsUrl, 'spillway_cache_disk_bytes', { kind: 'slab' })) <= 2 * 1024 * 1024);
+    // still serves correct data, from the link where the cache let go
+    const copy = path.join(tmp.dir, 'copy4.img');
+    await run('nbdcopy', [sites.uri(), copy]);
+    await cmp(image, copy);
+  });
+
   it('a link without a valid certificate is refused before any link frame', async () => {
     await mkdir(path.join(tmp.dir, 'rogue'), { recursive: true });
     const rogue = await makeTestPki(path.join(tmp.dir, 'rogue'));

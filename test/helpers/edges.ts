@@ -53,8 +53,13 @@ export interface TwoSitesOptions {
   readAhead?: number;
   /** YAML appended to the cloud edge's file (top-level keys it does not set yet). */
   cloudExtra?: string;
-  /** environment of the edge processes (e.g. NODE_OPTIONS=--cpu-prof); default: this process's. */
+  /** environment of the edge processes; default: this process's. */
   env?: { onprem?: NodeJS.ProcessEnv; cloud?: NodeJS.ProcessEnv };
+  /**
+   * node options before the script, per edge (e.g. ['--cpu-prof', '--cpu-prof-dir=DIR']: Node 20
+   * refuses --cpu-prof in NODE_OPTIONS).
+   */
+  nodeArgs?: { onprem?: string[]; cloud?: string[] };
   /** cli.js to run for the PKI, the edges and the relay (default dist/cli.js), e.g. a copy of a build. */
   cli?: string;
 }
@@ -100,13 +105,13 @@ ${o.cloudExtra ?? ''}`,
     return p;
   };
   sites.startOnprem = async () => {
-    const p = startProc(process.execPath, [cli, 'edge', '--config', onpremYaml], o.env?.onprem ? { env: o.env.onprem } : {});
+    const p = startProc(process.execPath, [...(o.nodeArgs?.onprem ?? []), cli, 'edge', '--config', onpremYaml], o.env?.onprem ? { env: o.env.onprem } : {});
     await waitForProc(p, { port: linkPort });
     sites.onprem = p;
     return p;
   };
   sites.startCloud = async () => {
-    const p = startProc(process.execPath, [cli, 'edge', '--config', cloudYaml], o.env?.cloud ? { env: o.env.cloud } : {});
+    const p = startProc(process.execPath, [...(o.nodeArgs?.cloud ?? []), cli, 'edge', '--config', cloudYaml], o.env?.cloud ? { env: o.env.cloud } : {});
     await waitForProc(p, { port: nbdPort });
     sites.cloud = p;
     return p;

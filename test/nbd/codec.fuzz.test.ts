@@ -47,6 +47,7 @@ import {
   parseServerEntry,
   type Decoded,
 } from '../../src/nbd/codec.js';
+import * as codec from '../../src/nbd/codec.js';
 import {
   IHAVEOPT,
   INFO,
@@ -212,6 +213,12 @@ void describe('codec decoders over arbitrary bytes: message, NEED_MORE or NbdPro
     ['parseOffsetHolePayload', parseOffsetHolePayload],
   ];
   for (const [name, parse] of parsers) void it(name, () => checkPayloadParser(parse));
+
+  void it('covers every decoder codec.ts exports', () => {
+    const fuzzed = new Set([...stream, ...parsers].map(([name]) => name.split(' ')[0]));
+    const exported = Object.keys(codec).filter((k) => /^(decode|parse)[A-Z]/.test(k));
+    assert.deepEqual(exported.filter((k) => !fuzzed.has(k)), [], 'add the new decoder to the tables above');
+  });
 });
 
 // ------------------------------------------------------------------------- oversize refusals

@@ -81,6 +81,7 @@ export class RemoteVolume {
       }
       this.info = info;
       this.cache.setKey(info.family, m.dataKey);
+      this.cache.attachVolume(this.name, info.family);
       this.signer = new ChunkSigner(deriveKeys(m.dataKey).signKey);
       return info;
     }
@@ -162,8 +163,7 @@ export class RemoteVolume {
         if (msg.handle !== info.handle) return;
         if (this.cache.hasContent(info.family, msg.signature)) {
           const data = await this.cache.getContent(info.family, msg.signature);
-          if (data && data.length === msg.rawLength) {
-            await this.cache.map(this.name, msg.index, Buffer.from(msg.signature));
+          if (data && data.length === msg.rawLength && (await this.cache.map(this.name, msg.index, Buffer.from(msg.signature)))) {
             this.metrics.received.inc({ kind: 'signature' });
             this.settle(msg.index, data);
             return;
