@@ -16,6 +16,7 @@ import {
   type IoOptions,
   type ZeroOptions,
 } from './device.js';
+import { GroupCommit } from './group-commit.js';
 import { native, type NativeAddon, type OfdLockInfo } from './native.js';
 
 export interface FileDeviceOptions {
@@ -66,6 +67,8 @@ export class FileDevice implements BlockDevice {
   readonly capabilities: BlockCapabilities;
   readonly description: string;
   private closed = false;
+  /** concurrent flushes (and FUA) share one fdatasync that started after they were asked. */
+  private readonly syncer = new GroupCommit(() => this.handle.datasync());
   private closing: Promise<void> | undefined;
   private inflight = 0;
   private drained: (() => void) | undefined;
@@ -140,12 +143,12 @@ export class FileDevice implements BlockDevice {
       this.assertWritable('write');
       assertRange(this, offset, data.length);
       await this.writeAll(offset, data);
-      if (opts?.fua) await this.handle.datasync();
+      if (opts?.fua) await this.syncer.flush();
     });
   }
 
   flush(opts?: IoOptions): Promise<void> {
-    return this.run(opts, () => this.handle.datasync());
+    return this.run(opts, () => this.syncer.flush());
   }
 
   trim(offset: number, length: number, opts?: IoOptions): Promise<void> {
@@ -154,7 +157,7 @@ export class FileDevice implements BlockDevice {
       assertRange(this, offset, length);
       if (length === 0) return;
       await this.zero(offset, length, true, false);
-      if (opts?.fua) await this.handle.datasync();
+      if (opts?.fua) await this.syncer.flush();
     });
   }
 
@@ -164,7 +167,7 @@ export class FileDevice implements BlockDevice {
       assertRange(this, offset, length);
       if (length === 0) return;
       await this.zero(offset, length, opts?.mayTrim ?? false, opts?.fastOnly ?? false);
-      if (opts?.fua) await this.handle.datasync();
+      if (opts?.fua) await this.syncer.flush();
     });
   }
 
