@@ -3,6 +3,9 @@
 .PHONY: demo test deps build native lint typecheck unit bench clean
 
 NATIVE := build/Release/spillway_native.node
+# Build the addon against the installed Node's headers when the distribution ships them
+# (Debian/NodeSource: /usr/include/node), so nothing is downloaded whatever ~/.npmrc says.
+NODEDIR ?= $(shell d=$$(dirname $$(dirname $$(command -v node))); [ -f $$d/include/node/node_api.h ] && echo $$d)
 
 demo: build
 	bash scripts/demo.sh
@@ -16,7 +19,7 @@ deps:
 native: $(NATIVE)
 
 $(NATIVE): native/spillway_native.c binding.gyp
-	npm run build:native
+	npm run build:native -- $(if $(NODEDIR),--nodedir=$(NODEDIR))
 
 build: deps
 	$(MAKE) --no-print-directory native

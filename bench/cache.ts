@@ -26,6 +26,7 @@ import { SlabStore } from '../src/cache/slab.js';
 import { installCleanupHandlers, runCleanups } from './lib/cleanup.js';
 import { makeTempDir } from './lib/files.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
+import { runCommand } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
 import { median, ratio, spread } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
@@ -238,10 +239,25 @@ function aesGcmRate(bytes: number): { seal: number; open: number } {
   return { seal, open };
 }
 
+/** The system OpenSSL's AES-256-GCM rate on 64 KiB blocks (wall clock), as a peer for node:crypto; null without openssl. */
+async function opensslGcmRate(): Promise<number | null> {
+  try {
+    const r = await runCommand('openssl', ['speed', '-elapsed', '-evp', 'aes-256-gcm', '-bytes', '65536', '-seconds', '2'], { allowFail: true, timeoutMs: 30000 });
+    const m = /AES-256-GCM\s+([\d.]+)k/i.exec(r.stdout);
+    return m ? (Number(m[1]) * 1000) / 1e9 : null;
+  } catch {
+    return null;
+  }
+}
+
 interface ReopenFigures {
   cleanMs: number[];
   crashMs: number[];
   sqliteMs: number[];
+  /** CPU time of the same opens (less sensitive to other load than wall time). */
+  cleanCpuMs: number[];
+  crashCpuMs: number[];
+  sqliteCpuMs: number[];
   indexBytes: number;
   slabBytes: number;
 }
@@ -265,7 +281,8 @@ async function reopenBench(root: string, entries: number, runs: number, Database
   const { indexBytes, slabBytes } = cache.stats();
   await cache.close();
 
-  const figures: ReopenFigures = { cleanMs: [], crashMs: [], sqliteMs: [], indexBytes, slabBytes };
+  const figures: ReopenFigures = { cleanMs: [], crashMs: [], sqliteMs: [], cleanCpuMs: [], crashCpuMs: [], sqliteCpuMs: [], indexBytes, slabBytes };
+  const cpuMs = (u: NodeJS.CpuUsage): number => (u.user + u.system) / 1000;
   let sqliteFile: string | null = null;
   if (Database) {
     sqliteFile = path.join(root, 'index.db');
@@ -286,21 +303,26 @@ async function reopenBench(root: string, entries: number, runs: number, Database
   }
   for (let r = 0; r < runs; r++) {
     let t0 = performance.now();
+    let u0 = process.cpuUsage();
     const a = await SecureCache.open({ dir, maxBytes: 2 ** 40 });
     figures.cleanMs.push(performance.now() - t0);
+    figures.cleanCpuMs.push(cpuMs(process.cpuUsage(u0)));
     if (a.stats().blobs !== entries) throw new Error(`reopen found ${a.stats().blobs} blobs, expected ${entries}`);
     await a.close();
 
     const crashDir = path.join(root, `reopen-crash-${r}`);
     await cp(crashCopy, crashDir, { recursive: true });
     t0 = performance.now();
+    u0 = process.cpuUsage();
     const b = await SecureCache.open({ dir: crashDir, maxBytes: 2 ** 40 });
     figures.crashMs.push(performance.now() - t0);
+    figures.crashCpuMs.push(cpuMs(process.cpuUsage(u0)));
     if (b.stats().blobs !== entries) throw new Error(`crash reopen found ${b.stats().blobs} blobs, expected ${entries}`);
     await b.close();
 
     if (Database && sqliteFile) {
       t0 = performance.now();
+      u0 = process.cpuUsage();
       const db = new Database(sqliteFile);
       const blobs = new Map<string, unknown>();
       for (const row of db.prepare('SELECT * FROM blob').raw().iterate()) blobs.set((row[1] as Buffer).toString('base64'), row);
@@ -308,6 +330,7 @@ async function reopenBench(root: string, entries: number, runs: number, Database
       for (const row of db.prepare('SELECT * FROM map').raw().iterate()) maps.set(row[1] as number, row[3]);
       db.close();
       figures.sqliteMs.push(performance.now() - t0);
+      figures.sqliteCpuMs.push(cpuMs(process.cpuUsage(u0)));
     }
   }
   return figures;
@@ -353,6 +376,7 @@ async function main(): Promise<void> {
   const readRatio = ratio(by('secure-cache')?.getMBps, by('slab')?.getMBps);
   const putRatio = ratio(by('secure-cache')?.putMBps, by('slab')?.putMBps);
   const aes = aesGcmRate(256 * 1024 * 1024);
+  const opensslGcm = await opensslGcmRate();
 
   const reopen = await reopenBench(tmp.dir, opts.entries, opts.runs, Database);
 
@@ -366,15 +390,17 @@ async function main(): Promise<void> {
   console.log(
     `\nsecure-cache / raw slab: get ${fmtRatio(readRatio)} (target >= 0.70x: ${readRatio === null ? 'n/a' : readRatio >= 0.7 ? 'met' : 'missed'}), put ${fmtRatio(putRatio)}`,
   );
-  console.log(`AES-256-GCM alone, one core: seal ${fmt(aes.seal)} GB/s, open ${fmt(aes.open)} GB/s`);
+  console.log(
+    `AES-256-GCM alone, one core: node:crypto seal ${fmt(aes.seal)} GB/s, open ${fmt(aes.open)} GB/s; system \`openssl speed\` ${fmt(opensslGcm)} GB/s (node / openssl: ${fmtRatio(ratio(aes.seal, opensslGcm))})`,
+  );
   console.log(`\nreopen of ${opts.entries} entries (index ${fmt(reopen.indexBytes / 1e6, 1)} MB, slabs ${fmt(reopen.slabBytes / 1e6, 0)} MB); medians\n`);
   console.log(
     formatTable(
-      [{ header: 'reopen', right: false }, { header: 'ms', right: true }],
+      [{ header: 'reopen', right: false }, { header: 'wall ms', right: true }, { header: 'cpu ms', right: true }],
       [
-        ['after clean close (snapshot)', fmt(median(reopen.cleanMs), 0)],
-        ['after crash (log replay)', fmt(median(reopen.crashMs), 0)],
-        ['sqlite: load rows into maps', reopen.sqliteMs.length > 0 ? fmt(median(reopen.sqliteMs), 0) : '-'],
+        ['after clean close (snapshot)', fmt(median(reopen.cleanMs), 0), fmt(median(reopen.cleanCpuMs), 0)],
+        ['after crash (log replay)', fmt(median(reopen.crashMs), 0), fmt(median(reopen.crashCpuMs), 0)],
+        ['sqlite: load rows into maps', reopen.sqliteMs.length > 0 ? fmt(median(reopen.sqliteMs), 0) : '-', reopen.sqliteCpuMs.length > 0 ? fmt(median(reopen.sqliteCpuMs), 0) : '-'],
       ],
     ),
   );
@@ -383,7 +409,7 @@ async function main(): Promise<void> {
   await writeJsonResult(opts.out, {
     machine,
     config: { ...opts, chunk: CHUNK },
-    summary: { throughput: summary, readRatio, putRatio, aesGcmGBps: aes, reopen: { cleanMs: median(reopen.cleanMs), crashMs: median(reopen.crashMs), sqliteMs: reopen.sqliteMs.length > 0 ? median(reopen.sqliteMs) : null, indexBytes: reopen.indexBytes } },
+    summary: { throughput: summary, readRatio, putRatio, aesGcmGBps: { ...aes, opensslSpeed: opensslGcm }, reopen: { cleanMs: median(reopen.cleanMs), crashMs: median(reopen.crashMs), sqliteMs: reopen.sqliteMs.length > 0 ? median(reopen.sqliteMs) : null, indexBytes: reopen.indexBytes } },
     samples: { throughput: samples, reopen },
     notes,
   });

@@ -365,6 +365,9 @@ export class SecureCache implements CacheGaugeSource {
         cache.familiesById.set(fid, fam);
         cache.nextFid = Math.max(cache.nextFid, fid + 1);
       }
+      // Numbers are never reused, even those of records whose family did not survive.
+      for (const r of blobs.values()) cache.nextFid = Math.max(cache.nextFid, r.fid + 1);
+      for (const v of vols.values()) cache.nextFid = Math.max(cache.nextFid, v.fid + 1);
       const slabBySize = new Map<number, Slab<Blob>>();
       for (const [key, r] of blobs) {
         if (!cache.familiesById.has(r.fid)) {

@@ -1,5 +1,5 @@
 // Persistence of the cache index: a redo log of records plus periodic snapshots, generation
-// by generation (docs/cache.md, "Index files").
+// by generation (docs/cache.md, "On-disk format").
 //
 //   index.<gen>.snap   the whole index at some point after log <gen> was started (fuzzy)
 //   index.<gen>.log    every record appended since log <gen> was started
@@ -7,16 +7,16 @@
 // Every record assigns the absolute state of one key (a blob, a mapping, a name), so replaying
 // log <gen> over snapshot <gen> gives the right state even though the snapshot was written
 // while the cache kept changing: anything the snapshot missed or caught half-way is in the log.
-// Open = the newest snapshot + every log from its generation on, in order, stopping at the
-// first torn record, which is cut off; then a fresh generation starts, so a torn tail is never
-// appended to. Appends are serialised (one write in flight), so each log is always a prefix
+// Open = the newest snapshot (checked whole first) + every log from its generation on, in
+// order, stopping at the first torn record, which is cut off; then the next log of the chain
+// starts (no gap, or the next open would stop before it), so a torn tail is never appended to. Appends are serialised (one write in flight), so each log is always a prefix
 // of what was appended; durable appends are group-committed with one fdatasync.
 
 import { constants as fsc } from 'node:fs';
 import { open, readdir, readFile, rename, truncate, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { CacheError } from './errors.js';
 import { crc32 } from 'node:zlib';
+import { CacheError } from './errors.js';
 import {
   decodeFileHeader,
   decodeRecord,
@@ -191,35 +191,40 @@ export class IndexJournal {
         discardAll = true;
       }
     }
+    if (discardAll) {
+      for (const g of snaps) await unlink(path.join(dir, snapName(g)));
+    }
     let tornTail = false;
     let logsReplayed = 0;
     const firstLog = base ?? 0;
     let expect = firstLog;
-    let maxGen = Math.max(-1, ...snaps);
     for (const g of logs) {
-      if (g < firstLog) continue;
+      if (g < firstLog) continue; // covered by the snapshot; deleted after the next one
       const file = path.join(dir, logName(g));
       if (discardAll || tornTail || g !== expect) {
-        // After a tear or a gap nothing can be applied in order; such logs are left over from
-        // a crash in the middle of a rotation and hold nothing acknowledged after the tear.
+        // After a tear or a gap nothing can be applied in order; under kill -9 only a log
+        // created at the instant of the kill can follow a tear, and it holds nothing.
         await unlink(file);
         continue;
       }
       const buf = await readFile(file);
       const r = replayLog(buf, g, apply);
       records += r.n;
+      if (!r.headerOk) {
+        // created but its header never written: as if it did not exist
+        await unlink(file);
+        tornTail = true;
+        continue;
+      }
       logsReplayed++;
       expect = g + 1;
-      maxGen = Math.max(maxGen, g);
       if (!r.clean) {
         tornTail = true;
-        // Cut the torn tail, so the chain of logs replays cleanly next time too.
-        if (!r.headerOk) await unlink(file);
-        else await truncate(file, r.validLength);
+        await truncate(file, r.validLength); // so the chain replays cleanly next time too
       }
     }
-    maxGen = Math.max(maxGen, ...logs.filter((g) => g < firstLog));
-    const gen = maxGen + 1;
+    // The new log continues the chain with no gap: a gap would hide it from the next replay.
+    const gen = expect;
     const fh = await IndexJournal.createLog(dir, gen);
     const journal = new IndexJournal(dir, gen, fh);
     return { journal, report: { snapshotGen: base, logsReplayed, records, tornTail } };
@@ -312,7 +317,7 @@ export class IndexJournal {
   /**
    * Start generation gen+1 and write its snapshot from `records` (called lazily: the state may
    * change while it runs; see the file comment). Older generations are deleted once the new
-   * snapshot is durable. `yieldEvery` records, the writer awaits I/O, so the event loop runs.
+   * snapshot is durable. The writer awaits I/O once per MiB encoded, so the event loop runs.
    */
   async writeSnapshot(records: Iterable<IndexRecord>, signal?: AbortSignal): Promise<void> {
     const gen = this.gen + 1;

@@ -92,16 +92,16 @@ export function compressChunk(data: Uint8Array): CompressedChunk {
 }
 
 /**
- * Decode one chunk received from the link into exactly `expectedLength` bytes (the length the
- * receiver asked for, at most MAX_CHUNK_SIZE). `codec` is the raw wire value. Throws
- * LinkCorruptError for an unknown codec, a payload inconsistent with the length, or data that
- * does not decompress; never allocates more than `expectedLength` for the output.
- * A 'raw' payload is returned as is (no copy).
+ * Decode one chunk received from the link into exactly `expectedLength` bytes. Pass the length
+ * the receiver asked for (the chunk's length in its volume), not a length the peer announced.
+ * `codec` is the raw wire value. Throws LinkCorruptError for an unknown codec, a length over
+ * MAX_CHUNK_SIZE, a payload inconsistent with the length, or data that does not decompress;
+ * never allocates more than `expectedLength` for the output. A 'raw' payload is returned as is
+ * (no copy). A negative or fractional `expectedLength` is a caller bug: RangeError.
  */
 export function decompressChunk(codec: number, payload: Uint8Array, expectedLength: number): Buffer {
-  if (!Number.isSafeInteger(expectedLength) || expectedLength < 0 || expectedLength > MAX_CHUNK_SIZE) {
-    throw new RangeError(`expected chunk length ${expectedLength} is outside 0..${MAX_CHUNK_SIZE}`);
-  }
+  if (!Number.isSafeInteger(expectedLength) || expectedLength < 0) throw new RangeError(`expected chunk length ${expectedLength} is not a byte count`);
+  if (expectedLength > MAX_CHUNK_SIZE) throw new LinkCorruptError(`chunk of ${expectedLength} bytes exceeds the link's maximum of ${MAX_CHUNK_SIZE}`);
   const p = asBuffer(payload);
   switch (codec) {
     case CODEC.RAW:

@@ -43,7 +43,8 @@ async function runChild(dir: string, round: number, lines: number, history: Map<
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   let seen = 0;
   let buf = '';
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  // 'close', not 'exit': lines still in the pipe when the child dies must be read first.
+  const exited = new Promise<number | null>((resolve) => child.once('close', (code) => resolve(code)));
   const onLine = (line: string): void => {
     const [tag, vol, index, kind, v, cv] = line.split(' ');
     if (tag === 'open' || !vol || !index || !kind || !v) return;

@@ -149,7 +149,7 @@ void test('fuzz: lz4 payloads with flipped bytes, truncated, extended or overwri
 
 void test('fuzz: arbitrary bytes under every codec value and expected length', () => {
   fc.assert(
-    fc.property(fc.integer({ min: 0, max: 255 }), fc.uint8Array({ maxLength: 600 }), fc.integer({ min: 0, max: 70000 }), (codec, payload, expected) => {
+    fc.property(fc.integer({ min: 0, max: 255 }), fc.uint8Array({ maxLength: 600 }), fc.oneof(fc.integer({ min: 0, max: 70000 }), fc.integer({ min: 0, max: 0xffffffff })), (codec, payload, expected) => {
       decodesOrCorrupt(codec, payload, expected);
     }),
     { numRuns: RUNS * 5 },
@@ -194,6 +194,12 @@ void test('corrupt payloads are refused with LinkCorruptError before any large a
   corrupt(CODEC.LZ4, good.payload.subarray(0, good.payload.length - 3), CHUNK, /does not decompress|decompressed to/);
 });
 
-void test('an impossible expected length is a caller bug (RangeError), not a corrupt chunk', () => {
-  for (const n of [-1, 1.5, Number.NaN, MAX_CHUNK_SIZE + 1]) assert.throws(() => decompressChunk(CODEC.RAW, Buffer.alloc(0), n), RangeError);
+void test('a length over the link maximum is corrupt; a negative or fractional one is a caller bug', () => {
+  for (const n of [MAX_CHUNK_SIZE + 1, 0xffffffff]) {
+    assert.throws(
+      () => decompressChunk(CODEC.LZ4, Buffer.alloc(8), n),
+      (err: unknown) => err instanceof LinkCorruptError && /exceeds the link's maximum/.test(err.message),
+    );
+  }
+  for (const n of [-1, 1.5, Number.NaN]) assert.throws(() => decompressChunk(CODEC.RAW, Buffer.alloc(0), n), RangeError);
 });

@@ -80,7 +80,15 @@ export class RemoteVolume {
         throw new VolumeOpenError(`volume ${this.name} changed at the origin (size/chunk size/family); refusing to mix its data with the cached copy`);
       }
       this.info = info;
-      this.cache.setKey(info.family, m.dataKey);
+      try {
+        this.cache.setKey(info.family, m.dataKey);
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'SPW_ERR_CACHE_KEY_MISMATCH') throw err;
+        // The origin's key is authoritative: it was rotated or re-created there, so what we
+        // cached under the old key is unreadable anyway. Drop it and start over.
+        this.opts.log('warn', 'the origin delivered a different data key for this family; dropping its cached content', { volume: this.name, family: info.family });
+        this.cache.setKey(info.family, m.dataKey, { replace: true });
+      }
       this.cache.attachVolume(this.name, info.family);
       this.signer = new ChunkSigner(deriveKeys(m.dataKey).signKey);
       return info;
