@@ -270,6 +270,8 @@ interface ReadSample {
   /** cloud edge counters for this read (spillway only). */
   counters?: Record<string, number>;
   phase: Phase;
+  /** warm reads: the times of every measured read (the sample is the median one). */
+  allSeconds?: number[];
 }
 
 const COUNTERS: readonly [string, string, Record<string, string>][] = [
@@ -312,8 +314,11 @@ async function timedRead(uri: string, pids: Record<string, number>): Promise<Rea
   return { seconds: r.seconds, load: Math.round(os.loadavg()[0]! * 100) / 100, cpu: diff(await cpuOf(pids), cpu0), phase: { fromUs, toUs } };
 }
 
-/** Warm reads after a cold one; the last is measured (the first also warms up V8's JIT on the cached path). */
-const WARM_READS = 2;
+/**
+ * Warm reads after a cold one: the first is not measured (it warms up V8's JIT on the cached
+ * path), the median of the others is the sample.
+ */
+const WARM_READS = 4;
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 /** The relay rewrites its stats file every 500 ms: wait for one rewrite after a quiet moment. */
@@ -323,7 +328,7 @@ interface SpillwayReadOptions {
   cli: string;
   /** relay parameters (default: the bench's link). */
   wan?: { delayMs: number; rateMbit: number };
-  /** full reads after the cold one, on the same cache; the last one is returned as warm. */
+  /** full reads after the cold one, on the same cache: the first is not measured, the median of the others is returned as warm. */
   warmReads: number;
   nodeArgs?: TwoSitesOptions['nodeArgs'];
   /** the build is the unencrypted one: check that the cloud edge said so as it started. */
@@ -354,14 +359,19 @@ async function spillwayRead(dir: string, image: string, imageSize: number, opts:
     const cold = await timedRead(sites.uri(), pids);
     const c1 = await counters(sites.metricsUrl);
     cold.counters = diff(c1, c0, 0);
-    let warm: ReadSample | null = null;
+    const warmReads: ReadSample[] = [];
     let cPrev = c1;
     for (let i = 0; i < o.warmReads; i++) {
-      warm = await timedRead(sites.uri(), pids);
+      const w = await timedRead(sites.uri(), pids);
       const c = await counters(sites.metricsUrl);
-      warm.counters = diff(c, cPrev, 0);
+      w.counters = diff(c, cPrev, 0);
       cPrev = c;
+      if (i > 0 || o.warmReads === 1) warmReads.push(w);
     }
+    // The median read (by time) stands for the lot; the others' times are kept beside it.
+    const sorted = [...warmReads].sort((a, b) => a.seconds - b.seconds);
+    const mid = sorted[Math.floor((sorted.length - 1) / 2)];
+    const warm: ReadSample | null = mid ? { ...mid, allSeconds: warmReads.map((w) => w.seconds) } : null;
     await stop(); // the relay writes its stats one last time as it exits
     const after = await readRelayStats(statsFile);
     cold.linkBytes = after.bytes.targetToClient - before.bytes.targetToClient;
@@ -584,7 +594,7 @@ async function profileRun(dir: string, image: string, imageSize: number, opts: O
   const profDir = opts.profileDir as string;
   await rm(profDir, { recursive: true, force: true });
   const args = (who: string): string[] => ['--cpu-prof', `--cpu-prof-dir=${path.join(profDir, who)}`];
-  const r = await spillwayRead(dir, image, imageSize, opts, { cli, warmReads: 1, nodeArgs: { cloud: args('cloud'), onprem: args('onprem') } });
+  const r = await spillwayRead(dir, image, imageSize, opts, { cli, warmReads: 2, nodeArgs: { cloud: args('cloud'), onprem: args('onprem') } });
   const summaries: Record<string, ProfileSummary[]> = {};
   for (const who of ['cloud', 'onprem']) {
     const files = existsSync(path.join(profDir, who)) ? (await readdir(path.join(profDir, who))).filter((x) => x.endsWith('.cpuprofile')) : [];
@@ -766,6 +776,14 @@ async function main(): Promise<void> {
   const encCpuRatio = ratio(cloudCpu('cache-plain'), cloudCpu('cache-encrypted'));
   const inProcGet = cacheSamples.length > 0 ? ratio(median(cacheSamples.map((s) => s.rawGet)), median(cacheSamples.map((s) => s.secureGet))) : null;
   const inProcPut = cacheSamples.length > 0 ? ratio(median(cacheSamples.map((s) => s.rawPut)), median(cacheSamples.map((s) => s.securePut))) : null;
+  // Ratios within each run (the configurations of one run ran back to back): a check on the
+  // ratio of medians when the load changed between runs.
+  const perRun = (peer: string, ours: string): (number | null)[] =>
+    Array.from({ length: opts.runs }, (_, i) => {
+      const a = samples.find((x) => x.run === i + 1 && x.what === peer)?.sample.seconds;
+      const b = samples.find((x) => x.run === i + 1 && x.what === ours)?.sample.seconds;
+      return ratio(a, b);
+    });
   const spr = (a: string, b: string): string => `${fmt(spread(secs(a)))}/${fmt(spread(secs(b)))}`;
   const s = (v: number | null, digits = 1): string => (v === null ? '-' : `${fmt(v, digits)} s`);
 
@@ -828,8 +846,8 @@ async function main(): Promise<void> {
     'Peers: rows 1-3 nbdcopy from `qemu-nbd -r -f raw -t` on the image at the origin through a second relay with the same parameters; row 4 the same qemu-nbd with no relay; row 5 our own build with the cache cipher replaced by a pass-through.',
     'Times are nbdcopy wall times (process start to exit, including connect) to null:. nbdcopy opens 4 connections when the server advertises multi-conn (the cloud edge does; qemu-nbd -r does not), and asks for extents: it skips what the server reports as holes/zeroes (qemu-nbd: the file\'s holes; the cloud edge: zero chunks its cache knows, none when a cold read starts).',
     'Link bytes: what the relay delivered towards the reader (TLS, link frames; NBD replies for the peer). Bytes read: the image size.',
-    `Medians of ${opts.runs} run(s), configurations interleaved in each run; fresh edges, relay and cloud cache for every cold read; row 4's warm read is the second full read after the cold one on that cache (the first warms up V8's JIT on the cached path).`,
-    `Row 5: each run fills a fresh cache over an unlimited relay (the link plays no part in a cached read), then times the second of two warm reads; "cloud CPU" compares the cloud edge's CPU seconds over those reads (less sensitive to other load than wall time); the unencrypted build is a private copy of dist/ with dist/cache/blob-cipher.js replaced by a pass-through (nothing in src/ changes; the edge logs that it is insecure). In-process figures: bench/cache.ts's approach (SecureCache.get/put vs the raw slab, QD 8) over 64 KiB data chunks of the image.`,
+    `Medians of ${opts.runs} run(s), configurations interleaved in each run; fresh edges, relay and cloud cache for every cold read; row 4's warm figure is the median of reads 2-${WARM_READS} after the cold one on that cache (the first warms up V8's JIT on the cached path).`,
+    `Row 5: each run fills a fresh cache over an unlimited relay (the link plays no part in a cached read), then reads it ${WARM_READS} more times and keeps the median of reads 2-${WARM_READS}; "cloud CPU" compares the cloud edge's CPU seconds over those reads (less sensitive to other load than wall time); the unencrypted build is a private copy of dist/ with dist/cache/blob-cipher.js replaced by a pass-through (nothing in src/ changes; the edge logs that it is insecure). In-process figures: bench/cache.ts's approach (SecureCache.get/put vs the raw slab, QD 8) over 64 KiB data chunks of the image.`,
   );
 
   console.log(`\nbench/stream: ${formatSize(opts.imageSize)} ext4 image over ${opts.rateMbit} Mbit/s, RTT ${opts.delayMs * 2} ms; cloud edge: connections ${opts.connections ?? 2}, window ${opts.window ?? '8MiB'}, readAhead ${opts.readAhead ?? 64}; medians of ${opts.runs}`);
@@ -859,6 +877,7 @@ async function main(): Promise<void> {
       linkBytesPerByteRead: { spillway: linkPerRead, qemuRelay: linkPerReadQemu },
       randomDataRateOfLink: { spillway: randOfLink, qemuRelay: randOfLinkQemu },
       warm: { spillwaySeconds: warmSpw, qemuLocalSeconds: localQemu, ratio: warmRatio, cpuSeconds: { cloudEdge: cloudCpu('spillway-warm'), qemuNbd: med(of('qemu-local').map((x) => x.cpu['qemu-nbd'] ?? Number.NaN)) } },
+      perRunRatios: { cold: perRun('qemu-relay', 'spillway-cold'), warm: perRun('qemu-local', 'spillway-warm'), encryption: perRun('cache-plain', 'cache-encrypted') },
       encryption: { encryptedSeconds: encWarm, plainSeconds: plainWarm, ratio: encRatio, cloudCpuSeconds: { encrypted: cloudCpu('cache-encrypted'), plain: cloudCpu('cache-plain') }, cloudCpuRatio: encCpuRatio, inProcessGetRatio: inProcGet, inProcessPutRatio: inProcPut },
     },
     samples,

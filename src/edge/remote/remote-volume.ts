@@ -152,10 +152,12 @@ export class RemoteVolume {
     switch (msg.type) {
       case 'chunk': {
         if (msg.handle !== info.handle) return;
+        if (msg.index >= this.chunkCount) return; // not a chunk of this volume: ignore
         let data: Buffer;
         try {
-          data = decompressChunk(msg.codec, msg.payload, msg.rawLength);
-          if (data.length !== this.chunkLength(msg.index) || !signer.sign(data).equals(msg.signature)) throw new Error('signature mismatch');
+          // The expected length comes from our own geometry, never from the peer's frame.
+          data = decompressChunk(msg.codec, msg.payload, this.chunkLength(msg.index));
+          if (!signer.verify(data, msg.signature)) throw new Error('signature mismatch');
         } catch (err) {
           this.metrics.corrupt.inc();
           this.opts.log('warn', 'corrupt chunk from peer; asking again', { volume: this.name, index: msg.index, err: (err as Error).message });
@@ -168,7 +170,7 @@ export class RemoteVolume {
         return;
       }
       case 'chunk-sig': {
-        if (msg.handle !== info.handle) return;
+        if (msg.handle !== info.handle || msg.index >= this.chunkCount) return;
         if (this.cache.hasContent(info.family, msg.signature)) {
           const data = await this.cache.getContent(info.family, msg.signature);
           if (data && data.length === msg.rawLength && (await this.cache.map(this.name, msg.index, Buffer.from(msg.signature)))) {
@@ -181,7 +183,7 @@ export class RemoteVolume {
         return;
       }
       case 'chunk-zero':
-        if (msg.handle !== info.handle) return;
+        if (msg.handle !== info.handle || msg.index >= this.chunkCount) return;
         await this.cache.putZero(this.name, msg.index);
         this.metrics.received.inc({ kind: 'zero' });
         this.settle(msg.index, 'zero');
