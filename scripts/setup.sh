@@ -13,7 +13,7 @@ APT_PACKAGES=(
   # VMs under TCG: kernel, tiny root filesystems, initramfs tools
   qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs cpio kmod zstd xz-utils
   # PKI for TLS tests, socket activation
-  openssl systemd
+  openssl systemd curl
 )
 
 missing=()

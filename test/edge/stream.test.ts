@@ -62,7 +62,7 @@ describe('two edges over an emulated WAN', { timeout: 600_000 }, () => {
     const copy1 = path.join(tmp.dir, 'copy1.img');
     await run('nbdcopy', [sites.uri(), copy1]);
     await cmp(image, copy1);
-    const first = sites.linkBytes();
+    const first = await sites.linkBytes();
     t.diagnostic(`first read: ${first} link bytes for a 64 MiB export`);
     assert.ok(first > 6 * 1024 * 1024, 'the random file must have crossed the link');
     assert.ok(first < 32 * 1024 * 1024, 'zeros and text must not cross the link in full');
@@ -70,7 +70,7 @@ describe('two edges over an emulated WAN', { timeout: 600_000 }, () => {
     const copy2 = path.join(tmp.dir, 'copy2.img');
     await run('nbdcopy', [sites.uri(), copy2]);
     await cmp(image, copy2);
-    const second = sites.linkBytes() - first;
+    const second = (await sites.linkBytes()) - first;
     t.diagnostic(`second read: ${second} link bytes`);
     assert.ok(second < 64 * 1024, `a cached read moved ${second} bytes over the link`);
     assert.ok((await metric(sites.metricsUrl, 'spillway_remote_chunk_reads_total', { tier: 'cache' })) > 0);
@@ -88,11 +88,11 @@ describe('two edges over an emulated WAN', { timeout: 600_000 }, () => {
     await sites.cloud.stop();
     await sites.startCloud();
     await waitForExport(sites.uri());
-    const before = sites.linkBytes();
+    const before = await sites.linkBytes();
     const copy = path.join(tmp.dir, 'copy3.img');
     await run('nbdcopy', [sites.uri(), copy]);
     await cmp(image, copy);
-    const moved = sites.linkBytes() - before;
+    const moved = (await sites.linkBytes()) - before;
     t.diagnostic(`read after restart: ${moved} link bytes`);
     assert.ok(moved < 64 * 1024, `after a restart the read moved ${moved} bytes over the link`);
     assert.equal(await metric(sites.metricsUrl, 'spillway_remote_chunk_reads_total', { tier: 'link' }), 0);
@@ -206,7 +206,7 @@ describe('a VM boots from the remote export while its disk is at the other edge'
       const pristine = await readFile(root);
       sites = await startTwoSites(tmp.dir, root, { volume: 'root', wan: { delayMs: 10, rateMbit: 100 } });
       const boot = await bootVm({ images, driveUri: sites.uri('root'), timeoutMs: 300_000, signal: t.signal, append: 'spw.write=streamed' });
-      t.diagnostic(`boot over the link: ready after ${Math.round(boot.timings.readyMs)} ms; ${sites.linkBytes()} link bytes`);
+      t.diagnostic(`boot over the link: ready after ${Math.round(boot.timings.readyMs)} ms; ${(await sites.linkBytes())} link bytes`);
       assert.ok(boot.ready && boot.done && !boot.panic && !boot.fail, boot.console.slice(-2000));
       assert.ok(boot.wrote, 'the guest wrote /data.txt');
       assert.ok(Object.keys(boot.checksums).length >= 2, 'the guest checksummed its files');

@@ -24,8 +24,9 @@ export interface TwoSites {
   onprem: Proc;
   cloud: Proc;
   wanem: Proc;
-  /** bytes the relay carried from the on-prem edge to the cloud edge. */
-  linkBytes: () => number;
+  /** bytes the relay carried from the on-prem edge to the cloud edge (waits for the relay's
+   *  stats file, rewritten every 500 ms, to include everything sent so far). */
+  linkBytes: () => Promise<number>;
   startCloud: () => Promise<Proc>;
   startOnprem: () => Promise<Proc>;
   startWanem: (o?: WanOptions) => Promise<Proc>;
@@ -117,7 +118,7 @@ ${o.cloudExtra ?? ''}`,
     return p;
   };
   let wanBase = 0;
-  sites.linkBytes = () => {
+  const readStats = (): number => {
     try {
       const s = JSON.parse(readFileSync(statsFile, 'utf8')) as { bytes: { targetToClient: number } };
       return wanBase + s.bytes.targetToClient;
@@ -125,9 +126,13 @@ ${o.cloudExtra ?? ''}`,
       return wanBase;
     }
   };
+  sites.linkBytes = async () => {
+    await new Promise((r) => setTimeout(r, 1200));
+    return readStats();
+  };
   const origStartWanem = sites.startWanem;
   sites.startWanem = async (w?: WanOptions) => {
-    wanBase = sites.linkBytes!(); // a restarted relay counts from zero
+    wanBase = readStats(); // a restarted relay counts from zero; it wrote its final stats at exit
     return origStartWanem(w);
   };
   sites.uri = (v = volume) => `nbd://127.0.0.1:${nbdPort}/${v}`;
