@@ -9,7 +9,6 @@ import type { BigIntStats } from 'node:fs';
 import {
   BlockError,
   assertRange,
-  toBlockError,
   type BlockCapabilities,
   type BlockDevice,
   type Extent,
@@ -17,6 +16,7 @@ import {
   type ZeroOptions,
 } from './device.js';
 import { GroupCommit } from './group-commit.js';
+import { OpGate } from './op-gate.js';
 import { native, type NativeAddon, type OfdLockInfo } from './native.js';
 
 export interface FileDeviceOptions {
@@ -66,12 +66,10 @@ function errCode(err: unknown): unknown {
 export class FileDevice implements BlockDevice {
   readonly capabilities: BlockCapabilities;
   readonly description: string;
-  private closed = false;
+  private readonly gate = new OpGate(() => this.description);
   /** concurrent flushes (and FUA) share one fdatasync that started after they were asked. */
   private readonly syncer = new GroupCommit(() => this.handle.datasync());
   private closing: Promise<void> | undefined;
-  private inflight = 0;
-  private drained: (() => void) | undefined;
   /** cleared after the file system says EOPNOTSUPP once, to skip the syscall next time. */
   private canPunch = true;
   private canZeroRange = true;
@@ -200,26 +198,14 @@ export class FileDevice implements BlockDevice {
 
   close(): Promise<void> {
     this.closing ??= (async () => {
-      this.closed = true;
-      if (this.inflight > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+      await this.gate.close();
       await this.handle.close(); // also releases the OFD lock
     })();
     return this.closing;
   }
 
-  /** Every operation goes through here: refuse after close, count in-flight work so close()
-   *  never closes the fd under a native call, and map errors to BlockError once. */
-  private async run<T>(opts: IoOptions | undefined, fn: () => Promise<T>): Promise<T> {
-    if (this.closed) throw new BlockError('ESHUTDOWN', `${this.description} is closed`);
-    if (opts?.signal?.aborted) throw new BlockError('ESHUTDOWN', 'request aborted');
-    this.inflight++;
-    try {
-      return await fn();
-    } catch (err) {
-      throw toBlockError(err);
-    } finally {
-      if (--this.inflight === 0 && this.drained) this.drained();
-    }
+  private run<T>(opts: IoOptions | undefined, fn: () => Promise<T>): Promise<T> {
+    return this.gate.run(opts, fn);
   }
 
   private assertWritable(op: string): void {

@@ -17,13 +17,13 @@ import {
   BlockError,
   assertRange,
   blockStatusOf,
-  toBlockError,
   type BlockCapabilities,
   type BlockDevice,
   type Extent,
   type IoOptions,
   type ZeroOptions,
 } from './device.js';
+import { OpGate } from './op-gate.js';
 import { BitmapError, BitmapFile, GranuleBitmap, type BitmapStore } from './bitmap.js';
 import { FileDevice } from './file.js';
 
@@ -93,10 +93,8 @@ export class OverlayDevice implements BlockDevice {
   private readonly locks = new GranuleLocks();
   private savedVersion: number;
   private saving: Promise<void> = Promise.resolve();
-  private closed = false;
+  private readonly gate = new OpGate(() => this.description);
   private closing: Promise<void> | undefined;
-  private inflight = 0;
-  private drained: (() => void) | undefined;
 
   /**
    * Most callers want OverlayDevice.open(). `data` is a device of the base's size whose
@@ -279,8 +277,7 @@ export class OverlayDevice implements BlockDevice {
   /** Waits for in-flight requests, flushes data and bitmap, closes overlay data and base. */
   close(): Promise<void> {
     this.closing ??= (async () => {
-      this.closed = true;
-      if (this.inflight > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+      await this.gate.close();
       try {
         await this.flushNow(undefined);
       } finally {
@@ -293,17 +290,8 @@ export class OverlayDevice implements BlockDevice {
 
   // ---- internals ----------------------------------------------------------------------------
 
-  private async run<T>(opts: IoOptions | undefined, fn: () => Promise<T>): Promise<T> {
-    if (this.closed) throw new BlockError('ESHUTDOWN', `${this.description} is closed`);
-    if (opts?.signal?.aborted) throw new BlockError('ESHUTDOWN', 'request aborted');
-    this.inflight++;
-    try {
-      return await fn();
-    } catch (err) {
-      throw toBlockError(err);
-    } finally {
-      if (--this.inflight === 0 && this.drained) this.drained();
-    }
+  private run<T>(opts: IoOptions | undefined, fn: () => Promise<T>): Promise<T> {
+    return this.gate.run(opts, fn);
   }
 
   private granuleStart(g: number): number {
