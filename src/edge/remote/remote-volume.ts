@@ -137,11 +137,13 @@ export class RemoteVolume {
     });
   }
 
-  /** Ask for chunks nobody waits for yet (read-ahead, prefetch); they land in the cache. */
-  prefetch(indices: number[], priority: Priority): void {
+  /** Ask for chunks nobody waits for yet (read-ahead, prefetch); they land in the cache.
+   *  Returns how many were asked for (the others are cached or already on their way). */
+  prefetch(indices: number[], priority: Priority): number {
     const want = indices.filter((i) => i >= 0 && i < this.chunkCount && !this.pending.has(i) && this.cache.lookup(this.name, i) === null);
     for (const i of want) this.pending.set(i, { priority, waiters: [] });
     if (want.length > 0) this.send(toRanges(want), priority);
+    return want.length;
   }
 
   /** Link handler for this volume's frames. */

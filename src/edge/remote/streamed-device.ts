@@ -135,9 +135,6 @@ export class StreamedDevice implements BlockDevice {
     if (this.window === 0) return;
     const idx: number[] = [];
     for (let c = lastChunk + 1; c <= lastChunk + this.window && c < this.volume.chunkCount; c++) idx.push(c);
-    if (idx.length > 0) {
-      this.metrics.readahead.inc(idx.length);
-      this.volume.prefetch(idx, PRIORITY.GROUP);
-    }
+    if (idx.length > 0) this.metrics.readahead.inc(this.volume.prefetch(idx, PRIORITY.GROUP));
   }
 }
