@@ -30,6 +30,7 @@ import { runCommand } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
 import { median, ratio, spread } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
+import { positiveInt } from './lib/args.js';
 
 const CHUNK = 64 * 1024;
 
@@ -57,11 +58,6 @@ interface Options {
   sqlite: string | undefined;
 }
 
-function positiveInt(text: string, name: string): number {
-  const n = Number(text);
-  if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive integer, got ${JSON.stringify(text)}`);
-  return n;
-}
 
 function parseOptions(argv: string[]): Options | null {
   const { values } = parseArgs({

@@ -34,6 +34,7 @@ import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
 import { median, ratio, spread } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable, type Column } from './lib/table.js';
+import { positiveInt } from './lib/args.js';
 
 const WORKLOAD_IDS = ['seqread', 'randread', 'randwrite'] as const;
 /** fio seconds of the unmeasured warm-up pass (nbdcopy warms up with one whole copy). */
@@ -85,11 +86,6 @@ function parseList<T extends string>(text: string, valid: readonly T[], what: st
   return [...new Set(items as T[])];
 }
 
-function positiveInt(text: string, name: string): number {
-  const n = Number(text);
-  if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive integer, got ${JSON.stringify(text)}`);
-  return n;
-}
 
 function parseOptions(argv: string[]): Options | null {
   const { values } = parseArgs({

@@ -38,6 +38,7 @@ import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
 import { median, ratio, spread } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
+import { positiveInt } from './lib/args.js';
 
 const MEASURES = ['cold', 'random', 'warm', 'cache'] as const;
 type MeasureId = (typeof MEASURES)[number];
@@ -81,11 +82,6 @@ interface Options {
   spillwayCli: string | undefined;
 }
 
-function positiveInt(text: string, name: string): number {
-  const n = Number(text);
-  if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive integer, got ${JSON.stringify(text)}`);
-  return n;
-}
 
 function positiveNumber(text: string, name: string): number {
   const n = Number(text);
