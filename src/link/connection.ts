@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 
-import { ByteReader, StreamClosedError } from '../nbd/byte-reader.js';
+import { ByteReader, StreamClosedError } from '../stream/byte-reader.js';
 import { creditCost, decodePayload, encodeMessage, framePayloadLength, type LinkMessage } from './codec.js';
 import { FRAME_HEADER_SIZE, LINK_VERSION } from './protocol.js';
 

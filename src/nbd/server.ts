@@ -11,7 +11,7 @@ import type { Duplex } from 'node:stream';
 
 import { BufferPool } from '../block/buffer-pool.js';
 import { blockStatusOf, toBlockError, type BlockDevice } from '../block/device.js';
-import { ByteReader, StreamClosedError } from './byte-reader.js';
+import { ByteReader, StreamClosedError } from '../stream/byte-reader.js';
 import {
   decodeClientFlags,
   decodeOptionHeader,

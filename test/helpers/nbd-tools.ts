@@ -12,7 +12,7 @@ import type { Duplex } from 'node:stream';
 
 import { FilterDevice, type BlockCapabilities, type BlockDevice } from '../../src/block/device.js';
 import { MemoryDevice } from '../../src/block/memory.js';
-import { ByteReader } from '../../src/nbd/byte-reader.js';
+import { ByteReader } from '../../src/stream/byte-reader.js';
 import {
   decodeOptionReply,
   decodeReplyHeader,
