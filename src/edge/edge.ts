@@ -212,16 +212,6 @@ export class Edge {
     this.log('info', 'cache resized', { maxBytes });
   }
 
-  get linkBytes(): { in: number; out: number } {
-    let inb = 0;
-    let outb = 0;
-    for (const p of this.peers.values()) {
-      inb += p.bytes.in;
-      outb += p.bytes.out;
-    }
-    return { in: inb, out: outb };
-  }
-
   status(): EdgeStatus {
     return {
       site: this.config.site,

@@ -63,9 +63,6 @@ export class PeerClient extends EventEmitter {
     return this.lastError;
   }
 
-  /** Link bytes in and out over every connection so far. */
-  bytes = { in: 0, out: 0 };
-
   start(): void {
     for (let slot = 0; slot < this.opts.connections; slot++) void this.keepDialing(slot);
   }
@@ -137,8 +134,6 @@ export class PeerClient extends EventEmitter {
         });
         conn.on('protocol-error', (err: Error) => this.opts.log('warn', 'link protocol error', { peer: this.opts.name, err: err.message }));
         await conn.run();
-        this.bytes.in += conn.bytesIn;
-        this.bytes.out += conn.bytesOut;
         const had = this.ready.delete(conn);
         if (!conn.peer) {
           // TLS 1.3 finishes the client's handshake before the server has checked our
