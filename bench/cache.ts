@@ -23,7 +23,7 @@ import { parseArgs } from 'node:util';
 import { createRequire } from 'node:module';
 import { SecureCache } from '../src/cache/cache.js';
 import { SlabStore } from '../src/cache/slab.js';
-import { installCleanupHandlers, runCleanups } from './lib/cleanup.js';
+import { installCleanupHandlers, runBench } from './lib/cleanup.js';
 import { makeTempDir } from './lib/files.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
 import { runCommand } from './lib/process.js';
@@ -412,9 +412,4 @@ async function main(): Promise<void> {
   process.stderr.write(`wrote ${opts.out}\n`);
 }
 
-main()
-  .catch((err: unknown) => {
-    console.error(err instanceof Error ? err.message : err);
-    process.exitCode = 1;
-  })
-  .finally(() => runCleanups());
+runBench('bench/cache', main);

@@ -24,7 +24,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import zlib from 'node:zlib';
-import { installCleanupHandlers, runCleanups } from './lib/cleanup.js';
+import { installCleanupHandlers, runBench } from './lib/cleanup.js';
 import { makeTempDir, writeRandomFile } from './lib/files.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
 import { runCommand } from './lib/process.js';
@@ -1429,9 +1429,4 @@ async function main(): Promise<void> {
   console.log(`\nresults: ${path.relative(process.cwd(), opts.out) || opts.out}`);
 }
 
-void main()
-  .catch((e: unknown) => {
-    console.error(`bench/codecs: ${e instanceof Error ? e.message : String(e)}`);
-    process.exitCode = 1;
-  })
-  .finally(() => runCleanups());
+runBench('bench/codecs', main);

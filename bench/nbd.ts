@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
-import { installCleanupHandlers, runCleanups } from './lib/cleanup.js';
+import { installCleanupHandlers, runBench } from './lib/cleanup.js';
 import { FIO_PERCENTILE_ARGS, parseFioJson } from './lib/fio.js';
 import { copyFileDurable, makeTempDir, writeRandomFile } from './lib/files.js';
 import {
@@ -417,9 +417,4 @@ async function main(): Promise<void> {
   console.log(`\nresults: ${path.relative(process.cwd(), opts.out) || opts.out}`);
 }
 
-void main()
-  .catch((e: unknown) => {
-    console.error(`bench/nbd: ${e instanceof Error ? e.message : String(e)}`);
-    process.exitCode = 1;
-  })
-  .finally(() => runCleanups());
+runBench('bench/nbd', main);

@@ -29,7 +29,7 @@ import { pathToFileURL } from 'node:url';
 import { SecureCache } from '../src/cache/cache.js';
 import { SlabStore } from '../src/cache/slab.js';
 import { metric, startTwoSites, type TwoSites, type TwoSitesOptions } from '../test/helpers/edges.js';
-import { installCleanupHandlers, onCleanup, runCleanups } from './lib/cleanup.js';
+import { installCleanupHandlers, onCleanup, runBench } from './lib/cleanup.js';
 import { makeTempDir, writeRandomFile } from './lib/files.js';
 import { buildFsImage, DEFAULT_FS_MIX, imageCensus, SYSTEM_SOURCES, type FsImageReport, type ImageCensus } from './lib/image.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
@@ -914,9 +914,4 @@ function printProfiles(p: ProfileResult): void {
   }
 }
 
-void main()
-  .catch((e: unknown) => {
-    console.error(`bench/stream: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
-    process.exitCode = 1;
-  })
-  .finally(() => runCleanups());
+runBench('bench/stream', main);

@@ -74,3 +74,14 @@ export function installCleanupHandlers(): void {
   }
   process.on('exit', runCleanupsSync);
 }
+
+/** A bench script's entry point: run `main`, report a failure as `NAME: message` with exit code 1,
+ *  and always run the registered cleanups. */
+export function runBench(name: string, main: () => Promise<void>): void {
+  main()
+    .catch((e: unknown) => {
+      console.error(`${name}: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+      process.exitCode = 1;
+    })
+    .finally(() => runCleanups());
+}

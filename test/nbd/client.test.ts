@@ -16,25 +16,12 @@ import { NbdProtocolError, encodeOptionReply, encodeServerGreeting, encodeSimple
 import { CMD, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT, REP, REP_ERR_, REPLY_FLAG_DONE, REPLY_TYPE, TFLAG } from '../../src/nbd/protocol.js';
 import { blockDeviceCompliance, type DeviceUnderTest } from '../block/compliance.js';
 import { makeTestPki, type TestPki } from '../helpers/pki.js';
+import { patternBytes } from '../helpers/nbd-tools.js';
 import { run, tempDir } from '../helpers/proc.js';
 import { duplexPair, patternByte, scriptedServer, startNbdkit, startNbdServer, startQemuNbd, type Peer } from '../helpers/nbd-peers.js';
 
 const MiB = 1024 * 1024;
 
-/** Deterministic bytes that differ per offset and per seed. */
-function pattern(length: number, seed: number): Buffer {
-  const b = Buffer.alloc(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
 
 async function writeAt(file: string, offset: number, data: Buffer): Promise<void> {
   const fh = await open(file, 'r+');
@@ -140,7 +127,7 @@ void describe('qemu-nbd (raw)', () => {
   void test('read, write, flush, trim and zero round-trip against the file on disk', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
-    const initial = pattern(4 * MiB, 1);
+    const initial = patternBytes(4 * MiB, 1);
     await writeFile(img, initial);
     const peer = s.keep(await startQemuNbd(img, { format: 'raw' }));
     const c = await NbdClient.connect({ uri: peer.uri });
@@ -150,7 +137,7 @@ void describe('qemu-nbd (raw)', () => {
     await c.read(12_345, got);
     assert.ok(got.equals(initial.subarray(12_345, 112_345)), 'read returns the file contents');
 
-    const data = pattern(300_000, 2);
+    const data = patternBytes(300_000, 2);
     await c.write(1 * MiB + 7, data);
     await c.write(0, Buffer.from('FUA!'), { fua: true });
     await c.flush();
@@ -174,8 +161,8 @@ void describe('qemu-nbd (raw)', () => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
     await sparseFile(img, 8 * MiB, [
-      [1 * MiB, pattern(64 * 1024, 3)],
-      [5 * MiB, pattern(8192, 4)],
+      [1 * MiB, patternBytes(64 * 1024, 3)],
+      [5 * MiB, patternBytes(8192, 4)],
     ]);
     const peer = s.keep(await startQemuNbd(img, { format: 'raw' }));
     const c = await NbdClient.connect({ uri: peer.uri });
@@ -197,21 +184,21 @@ void describe('qemu-nbd (raw)', () => {
   void test('sparse reads arrive as OFFSET_HOLE chunks and zero-fill a dirty buffer', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
-    await sparseFile(img, 4 * MiB, [[2 * MiB, pattern(4096, 30)]]);
+    await sparseFile(img, 4 * MiB, [[2 * MiB, patternBytes(4096, 30)]]);
     const peer = s.keep(await startQemuNbd(img, { format: 'raw' }));
     const c = await NbdClient.connect({ uri: peer.uri });
     s.closeLater(c);
     const b = Buffer.alloc(4 * MiB, 0xee);
     await c.read(0, b);
     const expected = Buffer.alloc(4 * MiB);
-    pattern(4096, 30).copy(expected, 2 * MiB);
+    patternBytes(4096, 30).copy(expected, 2 * MiB);
     assert.ok(b.equals(expected), 'holes are zero, data is data');
   });
 
   void test('pipelines hundreds of concurrent reads into the right buffers', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
-    const content = pattern(4 * MiB, 5);
+    const content = patternBytes(4 * MiB, 5);
     await writeFile(img, content);
     const peer = s.keep(await startQemuNbd(img, { format: 'raw' }));
     const c = await NbdClient.connect({ uri: peer.uri, maxInFlight: 32 });
@@ -271,21 +258,21 @@ void describe('qemu-nbd (raw)', () => {
   void test('connects over a UNIX socket from an nbd+unix URI', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
-    await writeFile(img, pattern(MiB, 6));
+    await writeFile(img, patternBytes(MiB, 6));
     const peer = s.keep(await startQemuNbd(img, { format: 'raw', socket: path.join(s.dir, 'nbd.sock') }));
     assert.match(peer.uri, /^nbd\+unix:\/\/\/disk\?socket=/);
     const c = await NbdClient.connect({ uri: peer.uri });
     s.closeLater(c);
     const b = Buffer.alloc(4096);
     await c.read(8192, b);
-    assert.ok(b.equals(pattern(MiB, 6).subarray(8192, 8192 + 4096)));
+    assert.ok(b.equals(patternBytes(MiB, 6).subarray(8192, 8192 + 4096)));
     assert.equal(c.label, `unix:${path.join(s.dir, 'nbd.sock')}`);
   });
 
   void test('close() sends NBD_CMD_DISC after in-flight requests and then refuses new ones', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
-    await writeFile(img, pattern(MiB, 7));
+    await writeFile(img, patternBytes(MiB, 7));
     const peer = s.keep(await startQemuNbd(img, { format: 'raw' }));
     const c = await NbdClient.connect({ uri: peer.uri });
     const bufs = Array.from({ length: 20 }, () => Buffer.alloc(8192));
@@ -295,7 +282,7 @@ void describe('qemu-nbd (raw)', () => {
     await Promise.all(reads); // requests made before close() still complete
     await closing;
     assert.equal(c.closed, true);
-    bufs.forEach((b, i) => assert.ok(b.equals(pattern(MiB, 7).subarray(i * 8192, (i + 1) * 8192))));
+    bufs.forEach((b, i) => assert.ok(b.equals(patternBytes(MiB, 7).subarray(i * 8192, (i + 1) * 8192))));
     // qemu-nbd --persistent keeps serving: a clean DISC did not upset it.
     const again = await NbdClient.connect({ uri: peer.uri });
     await again.close();
@@ -317,7 +304,7 @@ void describe('qemu-nbd (qcow2)', () => {
     await c.read(0, first);
     assert.ok(first.subarray(0, 65536).equals(Buffer.alloc(65536, 0xab)), 'data written by qemu-io');
     assert.ok(first.subarray(65536).equals(Buffer.alloc(65536)), 'unallocated clusters read as zero');
-    const data = pattern(3 * MiB, 8);
+    const data = patternBytes(3 * MiB, 8);
     await c.write(5 * MiB + 512, data);
     await c.writeZeroes(0, 4096);
     await c.flush();
@@ -375,7 +362,7 @@ void describe('TLS', () => {
     const s = await scope(t);
     const p = await pki();
     const img = path.join(s.dir, 'disk.raw');
-    await writeFile(img, pattern(MiB, 9));
+    await writeFile(img, patternBytes(MiB, 9));
     const peer = s.keep(await startQemuNbd(img, { format: 'raw', tlsDir: p.dir }));
     const c = await NbdClient.connect({
       host: '127.0.0.1',
@@ -390,7 +377,7 @@ void describe('TLS', () => {
     await c.flush();
     const b = Buffer.alloc(MiB);
     await c.read(0, b);
-    const expected = pattern(MiB, 9);
+    const expected = patternBytes(MiB, 9);
     Buffer.from('over tls').copy(expected, 4096);
     assert.ok(b.equals(expected));
     assert.ok((await readFile(img)).equals(expected));
@@ -488,8 +475,8 @@ void describe('nbdkit', () => {
     const c = await NbdClient.connect({ uri: peer.uri });
     s.closeLater(c);
     assert.deepEqual(merged(await c.blockStatus(0, 4 * MiB)), [[0, 4 * MiB, 'hole']]);
-    await c.write(1 * MiB, pattern(32768, 10));
-    await c.write(3 * MiB, pattern(32768, 11));
+    await c.write(1 * MiB, patternBytes(32768, 10));
+    await c.write(3 * MiB, patternBytes(32768, 11));
     assert.deepEqual(merged(await c.blockStatus(0, 4 * MiB)), [
       [0, 1 * MiB, 'hole'],
       [1 * MiB, 32768, 'data'],
@@ -500,7 +487,7 @@ void describe('nbdkit', () => {
     const b = Buffer.alloc(2 * MiB, 0xee);
     await c.read(0, b);
     const expected = Buffer.alloc(2 * MiB);
-    pattern(32768, 10).copy(expected, MiB);
+    patternBytes(32768, 10).copy(expected, MiB);
     assert.ok(b.equals(expected));
   });
 
@@ -509,14 +496,14 @@ void describe('nbdkit', () => {
     const peer = s.keep(await startNbdkit(['memory', '4M'], { before: ['--filter=noextents'] }));
     const c = await NbdClient.connect({ uri: peer.uri });
     s.closeLater(c);
-    await c.write(1 * MiB, pattern(4096, 12));
+    await c.write(1 * MiB, patternBytes(4096, 12));
     assert.deepEqual(merged(await c.blockStatus(0, 4 * MiB)), [[0, 4 * MiB, 'data']]);
   });
 
   void test('file plugin: writes, trims and zeroes reach the file; block status follows', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
-    const initial = pattern(2 * MiB, 13);
+    const initial = patternBytes(2 * MiB, 13);
     await writeFile(img, initial);
     const peer = s.keep(await startNbdkit(['file', img]));
     const c = await NbdClient.connect({ uri: peer.uri });
@@ -548,7 +535,7 @@ void describe('nbdkit', () => {
     s.closeLater(c);
     assert.deepEqual(c.blockSize, { minimum: 512, preferred: 4096, maximum: 65536 });
     assert.equal(c.maxPayload, 65536);
-    const data = pattern(MiB + 4096, 14);
+    const data = patternBytes(MiB + 4096, 14);
     await c.write(8192, data);
     const back = Buffer.alloc(data.length);
     await c.read(8192, back);
@@ -602,12 +589,12 @@ void describe('nbdkit', () => {
     assert.deepEqual(dev.capabilities.blockSize, { minimum: 1, preferred: 4096, maximum: 32 * MiB });
     assert.equal(dev.size, 2 * MiB);
     assert.match(dev.description, /^nbd\(127\.0\.0\.1:\d+\)$/);
-    await dev.write(0, pattern(8192, 15), { fua: true });
+    await dev.write(0, patternBytes(8192, 15), { fua: true });
     await dev.writeZeroes(4096, 4096, { mayTrim: true });
     await dev.cache(0, 8192);
     const b = Buffer.alloc(8192);
     await dev.read(0, b);
-    const expected = pattern(8192, 15);
+    const expected = patternBytes(8192, 15);
     expected.fill(0, 4096);
     assert.ok(b.equals(expected));
   });
@@ -672,7 +659,7 @@ void describe('nbd-server', () => {
   void test('simple replies: read, write, flush, trim and zero round-trip against the file', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'disk.raw');
-    const initial = pattern(2 * MiB, 16);
+    const initial = patternBytes(2 * MiB, 16);
     await writeFile(img, initial);
     const peer = s.keep(await startNbdServer(s.dir, [{ name: 'rw', file: img }]));
     const c = await NbdClient.connect({ uri: `${peer.uri}rw` });
@@ -680,13 +667,13 @@ void describe('nbd-server', () => {
     assert.equal(c.structuredReplies, false, 'nbd-server 3.24 has no structured replies');
     assert.equal(c.canBlockStatus, false);
     assert.equal(c.size, 2 * MiB);
-    await c.write(4096, pattern(100_000, 17), { fua: true });
+    await c.write(4096, patternBytes(100_000, 17), { fua: true });
     await c.flush();
     await c.trim(1 * MiB, 128 * 1024);
     await c.writeZeroes(1536 * 1024, 8192);
     await c.flush();
     const expected = Buffer.from(initial);
-    pattern(100_000, 17).copy(expected, 4096);
+    patternBytes(100_000, 17).copy(expected, 4096);
     expected.fill(0, 1536 * 1024, 1536 * 1024 + 8192);
     const onDisk = await readFile(img);
     // NBD_CMD_TRIM promises nothing about contents (nbd-server 3.24 leaves the data); what it
@@ -731,15 +718,15 @@ void describe('nbd-server', () => {
   void test('a write to a read-only export fails with EPERM', async (t) => {
     const s = await scope(t);
     const img = path.join(s.dir, 'ro.raw');
-    await writeFile(img, pattern(MiB, 18));
+    await writeFile(img, patternBytes(MiB, 18));
     const peer = s.keep(await startNbdServer(s.dir, [{ name: 'ro', file: img, readOnly: true }]));
     const c = await NbdClient.connect({ uri: `${peer.uri}ro` });
     s.closeLater(c);
     await rejectsWith(c.write(0, Buffer.alloc(4096)), NbdRequestError, ['SPW_ERR_NBD_SERVER_ERROR'], 'EPERM');
     const b = Buffer.alloc(4096);
     await c.read(0, b);
-    assert.ok(b.equals(pattern(MiB, 18).subarray(0, 4096)), 'the connection goes on and nothing was written');
-    assert.ok((await readFile(img)).equals(pattern(MiB, 18)));
+    assert.ok(b.equals(patternBytes(MiB, 18).subarray(0, 4096)), 'the connection goes on and nothing was written');
+    assert.ok((await readFile(img)).equals(patternBytes(MiB, 18)));
   });
 });
 
