@@ -6,7 +6,9 @@
 import {
   DATA_KEY_SIZE,
   FRAME_HEADER_SIZE,
+  JOURNAL_ID_SIZE,
   MAX_CHUNKS_PER_FETCH,
+  MAX_EPOCH_EXTENT,
   MAX_FRAME_PAYLOAD,
   MAX_STRING,
   MSG,
@@ -48,17 +50,30 @@ export type LinkMessage =
   | { type: 'metrics'; reqId: number; json: string }
   | { type: 'ping'; nonce: number }
   | { type: 'pong'; nonce: number }
-  | { type: 'close-volume'; handle: number };
+  | { type: 'close-volume'; handle: number }
+  // write-back: the remote edge (sender) ships batches of sealed epochs of one journal to the
+  // origin (receiver), which applies each batch atomically and answers EPOCH_ACK.
+  | { type: 'epoch-query'; reqId: number; handle: number; journalId: Buffer }
+  | { type: 'epoch-state'; reqId: number; handle: number; journalId: Buffer; appliedSeq: number }
+  | { type: 'epoch-begin'; handle: number; batch: number; journalId: Buffer; firstSeq: number; lastSeq: number; extents: number; bytes: number }
+  | { type: 'epoch-data'; handle: number; batch: number; offset: number; length: number; zero: boolean; codec: number; payload: Buffer }
+  | { type: 'epoch-end'; handle: number; batch: number; digest: Buffer }
+  | { type: 'epoch-ack'; handle: number; batch: number; status: number; appliedSeq: number; message: string };
 
 export type LinkMessageType = LinkMessage['type'];
 
 /** Whether a message counts against the receiver's credit (it carries chunk data). */
 export function isCredited(msg: LinkMessage): boolean {
-  return msg.type === 'chunk';
+  return msg.type === 'chunk' || msg.type === 'epoch-data';
 }
 export function creditCost(msg: LinkMessage): number {
-  return msg.type === 'chunk' ? FRAME_HEADER_SIZE + 56 + msg.payload.length : 0;
+  if (msg.type === 'chunk') return FRAME_HEADER_SIZE + 56 + msg.payload.length;
+  if (msg.type === 'epoch-data') return FRAME_HEADER_SIZE + 24 + msg.payload.length;
+  return 0;
 }
+
+/** Digest size of EPOCH_END (SHA-256 over the batch's extents, see writeback/batch.ts). */
+export const EPOCH_DIGEST_SIZE = 32;
 
 // ------------------------------------------------------------------------------------ writer
 
@@ -116,6 +131,7 @@ class Writer {
 }
 
 const FLAG_PUSHED = 1;
+const FLAG_ZERO = 1;
 
 export function encodeMessage(m: LinkMessage): Buffer {
   const w = new Writer();
@@ -157,7 +173,29 @@ export function encodeMessage(m: LinkMessage): Buffer {
       return w.u32(m.nonce).frame(MSG.PONG);
     case 'close-volume':
       return w.u32(m.handle).frame(MSG.CLOSE_VOLUME);
+    case 'epoch-query':
+      checkJournalId(m.journalId);
+      return w.u32(m.reqId).u32(m.handle).bytes(m.journalId).frame(MSG.EPOCH_QUERY);
+    case 'epoch-state':
+      checkJournalId(m.journalId);
+      return w.u32(m.reqId).u32(m.handle).bytes(m.journalId).u64(m.appliedSeq).frame(MSG.EPOCH_STATE);
+    case 'epoch-begin':
+      checkJournalId(m.journalId);
+      return w.u32(m.handle).u32(m.batch).bytes(m.journalId).u64(m.firstSeq).u64(m.lastSeq).u32(m.extents).u64(m.bytes).frame(MSG.EPOCH_BEGIN);
+    case 'epoch-data':
+      if (m.length > MAX_EPOCH_EXTENT || m.length === 0) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', `epoch extent of ${m.length} bytes must be 1..${MAX_EPOCH_EXTENT}`);
+      if (m.zero && m.payload.length !== 0) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', 'a zero extent carries no payload');
+      return w.u32(m.handle).u32(m.batch).u64(m.offset).u32(m.length).u8(m.codec).bytes(m.payload).frame(MSG.EPOCH_DATA, m.zero ? FLAG_ZERO : 0);
+    case 'epoch-end':
+      if (m.digest.length !== EPOCH_DIGEST_SIZE) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', `epoch digest must be ${EPOCH_DIGEST_SIZE} bytes`);
+      return w.u32(m.handle).u32(m.batch).bytes(m.digest).frame(MSG.EPOCH_END);
+    case 'epoch-ack':
+      return w.u32(m.handle).u32(m.batch).u8(m.status).u64(m.appliedSeq).str(m.message.slice(0, 512)).frame(MSG.EPOCH_ACK);
   }
+}
+
+function checkJournalId(id: Buffer): void {
+  if (id.length !== JOURNAL_ID_SIZE) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', `journal id must be ${JOURNAL_ID_SIZE} bytes`);
 }
 
 function checkSig(sig: Buffer): void {
@@ -350,6 +388,45 @@ export function decodePayload(type: number, flags: number, payload: Buffer): Lin
     case MSG.CLOSE_VOLUME: {
       const r = new Reader(payload, 'CLOSE_VOLUME');
       m = { type: 'close-volume', handle: r.u32() };
+      r.done();
+      return m;
+    }
+    case MSG.EPOCH_QUERY: {
+      const r = new Reader(payload, 'EPOCH_QUERY');
+      m = { type: 'epoch-query', reqId: r.u32(), handle: r.u32(), journalId: Buffer.from(r.bytes(JOURNAL_ID_SIZE)) };
+      r.done();
+      return m;
+    }
+    case MSG.EPOCH_STATE: {
+      const r = new Reader(payload, 'EPOCH_STATE');
+      m = { type: 'epoch-state', reqId: r.u32(), handle: r.u32(), journalId: Buffer.from(r.bytes(JOURNAL_ID_SIZE)), appliedSeq: r.u64() };
+      r.done();
+      return m;
+    }
+    case MSG.EPOCH_BEGIN: {
+      const r = new Reader(payload, 'EPOCH_BEGIN');
+      m = { type: 'epoch-begin', handle: r.u32(), batch: r.u32(), journalId: Buffer.from(r.bytes(JOURNAL_ID_SIZE)), firstSeq: r.u64(), lastSeq: r.u64(), extents: r.u32(), bytes: r.u64() };
+      r.done();
+      if (m.firstSeq < 1 || m.lastSeq < m.firstSeq) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', `EPOCH_BEGIN: epochs ${m.firstSeq}..${m.lastSeq} are not a range starting at 1 or later`);
+      return m;
+    }
+    case MSG.EPOCH_DATA: {
+      const r = new Reader(payload, 'EPOCH_DATA');
+      const zero = (flags & FLAG_ZERO) !== 0;
+      m = { type: 'epoch-data', handle: r.u32(), batch: r.u32(), offset: r.u64(), length: r.u32(), zero, codec: r.u8(), payload: r.rest() };
+      if (m.length === 0 || m.length > MAX_EPOCH_EXTENT) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', `EPOCH_DATA: extent of ${m.length} bytes must be 1..${MAX_EPOCH_EXTENT}`);
+      if (zero && m.payload.length !== 0) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', 'EPOCH_DATA: a zero extent carries no payload');
+      return m;
+    }
+    case MSG.EPOCH_END: {
+      const r = new Reader(payload, 'EPOCH_END');
+      m = { type: 'epoch-end', handle: r.u32(), batch: r.u32(), digest: Buffer.from(r.bytes(EPOCH_DIGEST_SIZE)) };
+      r.done();
+      return m;
+    }
+    case MSG.EPOCH_ACK: {
+      const r = new Reader(payload, 'EPOCH_ACK');
+      m = { type: 'epoch-ack', handle: r.u32(), batch: r.u32(), status: r.u8(), appliedSeq: r.u64(), message: r.str() };
       r.done();
       return m;
     }

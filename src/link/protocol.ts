@@ -34,8 +34,45 @@ export const MSG = {
   PING: 14,
   PONG: 15,
   CLOSE_VOLUME: 16,
-  // 32..47: write-back (epochs, acks) — issue 4. 48..63: control calls.
+  // 32..47: write-back (epochs, acks). 48..63: control calls.
+  EPOCH_QUERY: 32,
+  EPOCH_STATE: 33,
+  EPOCH_BEGIN: 34,
+  EPOCH_DATA: 35,
+  EPOCH_END: 36,
+  EPOCH_ACK: 37,
 } as const;
+
+/** Size of a journal id (random, chosen when a remote edge creates a volume's journal). */
+export const JOURNAL_ID_SIZE = 16;
+/** Largest extent carried by one EPOCH_DATA frame (longer extents are split). */
+export const MAX_EPOCH_EXTENT = 1024 * 1024;
+
+/** Outcome of a batch of epochs, carried by EPOCH_ACK. */
+export const EPOCH_STATUS = {
+  /** applied now; appliedSeq = the batch's lastSeq. */
+  APPLIED: 0,
+  /** already applied earlier (a retry or a duplicate); nothing done. */
+  DUPLICATE: 1,
+  /** firstSeq is not appliedSeq + 1: resend from appliedSeq + 1. */
+  GAP: 2,
+  /** the batch did not match its BEGIN (count, bytes or digest): resend it. */
+  CORRUPT: 3,
+  /** the origin could not persist or apply it (disk error): retry later. */
+  IO: 4,
+  /** another journal owns the volume's write-back; see the message. */
+  NOT_OWNER: 5,
+} as const;
+
+/** Readable names of EPOCH_STATUS values, for logs and metric labels. */
+export const EPOCH_STATUS_NAMES: Readonly<Record<number, string>> = {
+  [EPOCH_STATUS.APPLIED]: 'applied',
+  [EPOCH_STATUS.DUPLICATE]: 'duplicate',
+  [EPOCH_STATUS.GAP]: 'gap',
+  [EPOCH_STATUS.CORRUPT]: 'corrupt',
+  [EPOCH_STATUS.IO]: 'io',
+  [EPOCH_STATUS.NOT_OWNER]: 'not-owner',
+};
 
 /** Priority classes, highest first. Lower classes never starve demand (see scheduler.ts). */
 export const PRIORITY = {

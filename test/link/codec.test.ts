@@ -15,6 +15,7 @@ const u32 = fc.integer({ min: 0, max: 0xffffffff });
 const idx = fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER });
 const prio = fc.constantFrom(0, 1, 2, 3) as fc.Arbitrary<0 | 1 | 2 | 3>;
 const sig = fc.uint8Array({ minLength: 32, maxLength: 32 }).map((a) => Buffer.from(a));
+const jid = fc.uint8Array({ minLength: 16, maxLength: 16 }).map((a) => Buffer.from(a));
 const ranges = fc.array(fc.record({ start: idx, count: u32 }), { maxLength: 20 });
 
 const message: fc.Arbitrary<LinkMessage> = fc.oneof(
@@ -34,6 +35,17 @@ const message: fc.Arbitrary<LinkMessage> = fc.oneof(
   fc.record({ type: fc.constant('ping' as const), nonce: u32 }),
   fc.record({ type: fc.constant('pong' as const), nonce: u32 }),
   fc.record({ type: fc.constant('close-volume' as const), handle: u32 }),
+  fc.record({ type: fc.constant('epoch-query' as const), reqId: u32, handle: u32, journalId: jid }),
+  fc.record({ type: fc.constant('epoch-state' as const), reqId: u32, handle: u32, journalId: jid, appliedSeq: idx }),
+  fc
+    .record({ type: fc.constant('epoch-begin' as const), handle: u32, batch: u32, journalId: jid, firstSeq: fc.integer({ min: 1, max: 2 ** 40 }), span: fc.integer({ min: 0, max: 1000 }), extents: u32, bytes: idx })
+    .map(({ span, ...m }) => ({ ...m, lastSeq: m.firstSeq + span })),
+  fc.oneof(
+    fc.record({ type: fc.constant('epoch-data' as const), handle: u32, batch: u32, offset: idx, length: fc.integer({ min: 1, max: 1024 * 1024 }), zero: fc.constant(false), codec: fc.integer({ min: 0, max: 255 }), payload: fc.uint8Array({ maxLength: 300 }).map((a) => Buffer.from(a)) }),
+    fc.record({ type: fc.constant('epoch-data' as const), handle: u32, batch: u32, offset: idx, length: fc.integer({ min: 1, max: 1024 * 1024 }), zero: fc.constant(true), codec: fc.constant(0), payload: fc.constant(Buffer.alloc(0)) }),
+  ),
+  fc.record({ type: fc.constant('epoch-end' as const), handle: u32, batch: u32, digest: sig }),
+  fc.record({ type: fc.constant('epoch-ack' as const), handle: u32, batch: u32, status: fc.integer({ min: 0, max: 255 }), appliedSeq: idx, message: str }),
 );
 
 function normalize(m: LinkMessage): unknown {
