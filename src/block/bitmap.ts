@@ -14,8 +14,9 @@
 //   44  reserved  u32      0
 //   48  bits      ceil(granules / 8) bytes; granule i is bit (i & 7) of byte (i >> 3)
 
-import { open, readFile, rename, unlink } from 'node:fs/promises';
-import path from 'node:path';
+import { readFile } from 'node:fs/promises';
+
+import { replaceFileDurably } from '../util/durable.js';
 import { crc32 } from 'node:zlib';
 
 export const BITMAP_MAGIC = 'SPWBMAP\0';
@@ -126,7 +127,7 @@ export class GranuleBitmap {
   /** Parse and check a bitmap file's contents against the overlay it is meant for. */
   static decode(
     buf: Buffer,
-    expect: { size: number; granularity: number },
+    expect: { size: number; granularity?: number },
     source: string,
   ): { bitmap: GranuleBitmap; generation: number } {
     const bad = (why: string): BitmapError =>
@@ -146,7 +147,7 @@ export class GranuleBitmap {
     if (size !== expect.size) {
       throw bad(`it is for a ${size}-byte device but the base is ${expect.size} bytes (wrong base image?)`);
     }
-    if (granularity !== expect.granularity) {
+    if (expect.granularity !== undefined && granularity !== expect.granularity) {
       throw bad(`its granularity is ${granularity} bytes but ${expect.granularity} was requested; reopen with granularity ${granularity}`);
     }
     const bytes = Math.ceil(granuleCount(size, granularity) / 8);
@@ -191,27 +192,6 @@ export class BitmapFile implements BitmapStore {
 
   /** write temp, fsync, rename over, fsync the directory (so the rename itself is durable). */
   private async replace(encoded: Buffer): Promise<void> {
-    const tmp = `${this.path}.tmp`;
-    const fh = await open(tmp, 'w', 0o644);
-    try {
-      let done = 0;
-      while (done < encoded.length) {
-        const { bytesWritten } = await fh.write(encoded, done, encoded.length - done, done);
-        done += bytesWritten;
-      }
-      await fh.sync();
-    } catch (err) {
-      await fh.close();
-      await unlink(tmp).catch(() => undefined);
-      throw err;
-    }
-    await fh.close();
-    await rename(tmp, this.path);
-    const dir = await open(path.dirname(this.path), 'r');
-    try {
-      await dir.sync();
-    } finally {
-      await dir.close();
-    }
+    await replaceFileDurably(this.path, encoded, 0o644);
   }
 }

@@ -15,6 +15,7 @@
 import { constants as fsc } from 'node:fs';
 import { open, readdir, readFile, rename, truncate, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
+import { fsyncDir } from '../util/durable.js';
 import { crc32 } from 'node:zlib';
 import { CacheError } from './errors.js';
 import {
@@ -59,14 +60,6 @@ export interface ReplayReport {
   readonly tornTail: boolean;
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, fsc.O_RDONLY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 /**
  * Apply the records of one log. Returns how many were applied, whether the file ended cleanly,
@@ -285,7 +278,7 @@ export class IndexJournal {
         }
         if (batch.some((p) => p.durable)) {
           if (!this.dirSynced) {
-            await syncDir(this.dir);
+            await fsyncDir(this.dir);
             this.dirSynced = true;
           }
           await fh.datasync();
@@ -382,7 +375,7 @@ export class IndexJournal {
     }
     await fh.close();
     await rename(tmp, path.join(this.dir, snapName(gen)));
-    await syncDir(this.dir);
+    await fsyncDir(this.dir);
     this.snapBytes = total;
     // Older generations are now redundant.
     for (const name of await readdir(this.dir)) {
