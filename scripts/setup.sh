@@ -14,6 +14,8 @@ APT_PACKAGES=(
   qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs cpio kmod zstd xz-utils
   # PKI for TLS tests, socket activation
   openssl systemd curl
+  # partition tables for the partition-table reader's tests (sfdisk, fdisk; sgdisk)
+  fdisk gdisk
 )
 
 missing=()
