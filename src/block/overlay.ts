@@ -36,8 +36,8 @@ export interface OverlayFileOptions {
   readonly path: string;
   /** bitmap file; default `${path}.bitmap`. */
   readonly bitmapPath?: string;
-  /** bytes per bitmap bit, a power of two from 512 to 64 MiB; default 64 KiB. Must match an
-   *  existing bitmap. */
+  /** bytes per bitmap bit, a power of two from 512 to 64 MiB; default 64 KiB for a new
+   *  overlay. For an existing one it must match its bitmap; left out, the bitmap's is used. */
   readonly granularity?: number;
   /** take an exclusive OFD lock on the overlay data file. Default true. */
   readonly lock?: boolean;
@@ -162,7 +162,7 @@ export class OverlayDevice implements BlockDevice {
             `trusted. Restore the bitmap, or delete ${opts.path} to start a new, empty overlay.`,
         );
       }
-      ({ bitmap, generation } = GranuleBitmap.decode(encoded, { size: base.size, granularity }, bitmapPath));
+      ({ bitmap, generation } = GranuleBitmap.decode(encoded, { size: base.size, granularity: opts.granularity }, bitmapPath));
     } else {
       if (await store.load()) {
         throw new BitmapError(

@@ -186,6 +186,12 @@ void describe('OverlayDevice specifics', () => {
       }
     };
     await refused({ granularity: 4096 }, /granularity is 65536 bytes but 4096 was requested/);
+    {
+      // without a granularity, an existing overlay keeps the one its bitmap records
+      const again = await OverlayDevice.open(await openBase(), { path: ovPath });
+      assert.equal(again.granularity, 65536);
+      await again.close();
+    }
     await refused({}, /base is \d+ bytes/, new MemoryDevice(size + 512));
 
     const bitmapPath = `${ovPath}.bitmap`;
