@@ -5,6 +5,7 @@ import { Command } from 'commander';
 import { registerEdge } from './cli/edge.js';
 import { registerPki } from './cli/pki.js';
 import { registerServe } from './cli/serve.js';
+import { registerVolume } from './cli/volume.js';
 import { registerWanem } from './cli/wanem.js';
 import { VERSION } from './version.js';
 
@@ -28,6 +29,7 @@ registerServe(program);
 registerWanem(program);
 registerPki(program);
 registerEdge(program);
+registerVolume(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`spillway: ${err instanceof Error ? err.message : String(err)}\n`);

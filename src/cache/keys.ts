@@ -15,6 +15,7 @@ export const KEY_CHECK_SIZE = 16;
 const SALT = Buffer.from('spillway key schedule v1', 'utf8');
 const INFO_CACHE = Buffer.from('spillway cache aes-256-gcm v1', 'utf8');
 const INFO_SIGN = Buffer.from('spillway chunk signature v1', 'utf8');
+const INFO_JOURNAL = Buffer.from('spillway journal aes-256-gcm v1', 'utf8');
 const CHECK_LABEL = Buffer.from('spillway cache key check v1', 'utf8');
 
 export interface DerivedKeys {
@@ -22,6 +23,8 @@ export interface DerivedKeys {
   readonly cacheKey: Buffer;
   /** key of the chunk signature (keyed hash) computed by the sender, used by src/link. */
   readonly signKey: Buffer;
+  /** AES-256-GCM key of the remote edge's write-back journal (records at rest). */
+  readonly journalKey: Buffer;
 }
 
 function hkdf(ikm: Buffer, info: Buffer): Buffer {
@@ -35,7 +38,7 @@ export function deriveKeys(dataKey: Uint8Array): DerivedKeys {
   }
   const ikm = Buffer.from(dataKey);
   try {
-    return { cacheKey: hkdf(ikm, INFO_CACHE), signKey: hkdf(ikm, INFO_SIGN) };
+    return { cacheKey: hkdf(ikm, INFO_CACHE), signKey: hkdf(ikm, INFO_SIGN), journalKey: hkdf(ikm, INFO_JOURNAL) };
   } finally {
     ikm.fill(0);
   }

@@ -79,13 +79,24 @@ const localVolume = z.strictObject({
   family: name.optional(),
 });
 
+const policy = z.enum(['remote-only', 'origin', 'write-through']);
+
 const remoteVolume = z.strictObject({
   name,
   peer: name,
   volume: name.optional().describe('the volume name at the peer (default: name)'),
   ioTimeout: duration.default(120_000),
   readAhead: z.number().int().min(0).max(1024).default(64),
-  overlay: z.boolean().default(true),
+  /** where the guest's writes live; 'read-only' exports the volume without writes. */
+  writes: z.enum(['remote-only', 'origin', 'write-through', 'read-only']).default('remote-only'),
+  /** byte ranges with their own policy (later entries win). */
+  ranges: z.array(z.strictObject({ offset: size, length: size, writes: policy })).default([]),
+  /** swap partitions found in the partition table: remote-only (default) or like the rest. */
+  swap: z.enum(['remote-only', 'follow']).default('remote-only'),
+  rpo: duration.default(30_000),
+  shipAt: size.default(64 * 1024 * 1024),
+  epochMax: size.default(64 * 1024 * 1024),
+  onJournalCorruption: z.enum(['refuse', 'discard-tail']).default('refuse'),
 });
 
 export const edgeConfigSchema = z.strictObject({
@@ -158,6 +169,9 @@ export function parseEdgeConfig(text: string, baseDir: string, source = 'config'
     if (isRemoteVolume(v)) {
       if (!peers.has(v.peer)) throw new ConfigError(`${source}: volume "${v.name}" names peer "${v.peer}", which is not under peers:`);
       if (!c.cache) throw new ConfigError(`${source}: volume "${v.name}" is served from a peer, so the edge needs a cache: section (dir, size)`);
+      if (v.rpo < 100) throw new ConfigError(`${source}: volume "${v.name}": rpo must be at least 100ms`);
+      if (v.epochMax < 1024 * 1024) throw new ConfigError(`${source}: volume "${v.name}": epochMax must be at least 1MiB`);
+      if (v.writes === 'read-only' && v.ranges.length > 0) throw new ConfigError(`${source}: volume "${v.name}" is read-only, so it cannot have write ranges`);
     } else {
       v.source = abs(v.source);
       const cs = v.chunkSize;

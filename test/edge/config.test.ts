@@ -39,7 +39,7 @@ test('a valid configuration gets defaults and absolute paths', () => {
   assert.equal(c.peers[0]?.connections, 2);
   assert.equal(c.link.window, 8 * 1024 * 1024);
   const [remote, local] = c.volumes;
-  assert.ok(remote && 'peer' in remote && remote.ioTimeout === 30000 && remote.readAhead === 64 && remote.overlay === true);
+  assert.ok(remote && 'peer' in remote && remote.ioTimeout === 30000 && remote.readAhead === 64 && remote.writes === 'remote-only' && remote.rpo === 30000);
   assert.ok(local && 'source' in local && local.source === '/etc/spillway/disk.img' && local.chunkSize === 131072 && local.format === 'raw');
 });
 

@@ -56,6 +56,21 @@ describe('local volume', () => {
     }
   });
 
+  it('writes through the writable view land in the source and clear the zero map of their chunks', async () => {
+    const copy = path.join(tmp.dir, 'disk-w.img');
+    await run('cp', ['--sparse=always', raw, copy]);
+    const vol = await LocalVolume.open({ name: 'diskw', source: copy, chunkSize: 65536 }, { stateDir: tmp.dir, log });
+    try {
+      assert.equal(vol.isZeroChunk(40), true);
+      await vol.writable.write(40 * 65536 + 100, Buffer.alloc(10, 7));
+      assert.equal(vol.isZeroChunk(40), false, 'a chunk that received data is no longer answered as zeroes');
+      assert.equal(vol.isZeroChunk(41), true);
+      assert.deepEqual((await vol.readChunk(40)).subarray(100, 110), Buffer.alloc(10, 7));
+    } finally {
+      await vol.close();
+    }
+  });
+
   it('reads qcow2 through qemu-nbd, with the same bytes qemu-img sees', async () => {
     const qcow = path.join(tmp.dir, 'disk.qcow2');
     await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow]);

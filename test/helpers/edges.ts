@@ -20,6 +20,9 @@ export interface TwoSites {
   image: string;
   nbdPort: number;
   uri: (volume?: string) => string;
+  /** the edges' configuration files (for `spillway volume … --config`). */
+  onpremYaml: string;
+  cloudYaml: string;
   metricsUrl: string;
   onprem: Proc;
   cloud: Proc;
@@ -52,6 +55,8 @@ export interface TwoSitesOptions {
   window?: string;
   /** cloud edge: volumes[].readAhead in chunks; default: the edge's. */
   readAhead?: number;
+  /** keys added to the cloud edge's volume entry, in flow style ("writes: origin, rpo: 1s"). */
+  cloudVolume?: string;
   /** YAML appended to the cloud edge's file (top-level keys it does not set yet). */
   cloudExtra?: string;
   /** environment of the edge processes; default: this process's. */
@@ -93,11 +98,11 @@ metrics: { listen: "127.0.0.1:${metricsPort}" }
 ${o.window === undefined ? '' : `link: { window: ${o.window} }\n`}cache: { dir: ${dir}/cache, size: ${o.cacheSize ?? '2GiB'} }
 peers: [ { name: onprem, address: "127.0.0.1:${wanPort}", connections: ${o.connections ?? 2} } ]
 volumes:
-  - { name: ${volume}, peer: onprem, ioTimeout: ${o.ioTimeout ?? '120s'}${o.readAhead === undefined ? '' : `, readAhead: ${o.readAhead}`} }
+  - { name: ${volume}, peer: onprem, ioTimeout: ${o.ioTimeout ?? '120s'}${o.readAhead === undefined ? '' : `, readAhead: ${o.readAhead}`}${o.cloudVolume ? `, ${o.cloudVolume}` : ''} }
 ${o.cloudExtra ?? ''}`,
   );
   const statsFile = path.join(dir, 'wanem.json');
-  const sites: Partial<TwoSites> & { dir: string } = { dir, image, nbdPort };
+  const sites: Partial<TwoSites> & { dir: string } = { dir, image, nbdPort, onpremYaml, cloudYaml };
   const wanOpts = o.wan ?? {};
   sites.startWanem = async (w: WanOptions = wanOpts) => {
     const p = startProc(process.execPath, [cli, 'wanem', '--listen', `127.0.0.1:${wanPort}`, '--target', `127.0.0.1:${linkPort}`, '--delay-ms', String(w.delayMs ?? 0), '--rate-mbit', String(w.rateMbit ?? 0), '--stats-file', statsFile, ...(w.extra ?? [])]);

@@ -59,7 +59,7 @@ class PeerSession {
 export class ChunkServer {
   private readonly sessions = new Map<string, PeerSession>();
   private readonly byHandle = new Map<number, VolumeEntry>();
-  private readonly handleOf = new Map<string, number>();
+  private readonly handles = new Map<string, number>();
   private readonly bucket: TokenBucket;
   private readonly prepareAhead: number;
   private readonly rememberSignatures: number;
@@ -69,12 +69,17 @@ export class ChunkServer {
     let h = 1;
     for (const [name, volume] of opts.volumes) {
       this.byHandle.set(h, { volume, signer: new ChunkSigner(deriveKeys(volume.dataKey).signKey) });
-      this.handleOf.set(name, h++);
+      this.handles.set(name, h++);
     }
     const rate = opts.rateBytes ?? 0;
     this.bucket = new TokenBucket(rate, Math.max(256 * 1024, rate / 20));
     this.prepareAhead = opts.prepareAhead ?? 8;
     this.rememberSignatures = opts.rememberSignatures ?? 1 << 20;
+  }
+
+  /** The handle peers use for a volume (stable for the life of this process). */
+  handleOf(volume: string): number | undefined {
+    return this.handles.get(volume);
   }
 
   setRate(bytesPerSecond: number): void {
@@ -105,7 +110,7 @@ export class ChunkServer {
     if (!session) return;
     switch (msg.type) {
       case 'open': {
-        const handle = this.handleOf.get(msg.volume);
+        const handle = this.handles.get(msg.volume);
         const entry = handle === undefined ? undefined : this.byHandle.get(handle);
         if (!entry || handle === undefined) {
           conn.send({ type: 'error', reqId: msg.reqId, code: LINK_ERR.UNKNOWN_VOLUME, message: `this edge owns no volume named "${msg.volume}"` });
@@ -157,7 +162,7 @@ export class ChunkServer {
   /** Push chunks the peer did not ask for (group push, prefetch plans, hydration). */
   push(peer: string, volume: string, indices: Iterable<number>, priority: Priority): number {
     const session = this.sessions.get(peer);
-    const handle = this.handleOf.get(volume);
+    const handle = this.handles.get(volume);
     if (!session || handle === undefined) return 0;
     let n = 0;
     for (const index of indices) if (session.queue.push({ handle, index, priority, pushed: true })) n++;

@@ -1,5 +1,5 @@
 // Prometheus metrics of the local role (chunks served to peers), in the shared registry.
-import { Counter } from 'prom-client';
+import { Counter, Gauge, Histogram } from 'prom-client';
 import { registry } from '../../metrics/registry.js';
 
 export interface LocalMetrics {
@@ -17,4 +17,26 @@ export function localMetrics(): LocalMetrics {
     rawBytes: new Counter({ name: 'spillway_local_chunk_raw_bytes_total', help: 'Uncompressed bytes of the chunks answered', registers: [registry] }),
   };
   return metrics;
+}
+
+/** Write-back at the origin (the applier, applier.ts). */
+export interface ApplierMetrics {
+  epochs: Counter<'volume'>;
+  bytes: Counter<'volume'>;
+  batches: Counter<'volume' | 'status'>;
+  applySeconds: Histogram<string>;
+  appliedSeq: Gauge<'volume'>;
+}
+
+let applier: ApplierMetrics | undefined;
+
+export function applierMetrics(): ApplierMetrics {
+  applier ??= {
+    epochs: new Counter({ name: 'spillway_origin_epochs_applied_total', help: 'Epochs applied to the origin disk', labelNames: ['volume'], registers: [registry] }),
+    bytes: new Counter({ name: 'spillway_origin_bytes_applied_total', help: 'Bytes (data and zeroed ranges) applied to the origin disk', labelNames: ['volume'], registers: [registry] }),
+    batches: new Counter({ name: 'spillway_origin_batches_total', help: 'Batches of epochs received, by outcome (applied, duplicate, gap, corrupt, io, not-owner)', labelNames: ['volume', 'status'], registers: [registry] }),
+    applySeconds: new Histogram({ name: 'spillway_origin_apply_seconds', help: 'Time from a batch\'s COMMIT to its applied record (apply, flush, record)', buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], registers: [registry] }),
+    appliedSeq: new Gauge({ name: 'spillway_origin_applied_seq', help: 'Last epoch the origin disk holds, of the journal that owns the volume', labelNames: ['volume'], registers: [registry] }),
+  };
+  return applier;
 }

@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
-import { blockStatusOf, type BlockDevice } from '../../block/device.js';
+import { blockStatusOf, FilterDevice, type BlockDevice, type IoOptions } from '../../block/device.js';
 import { FileDevice } from '../../block/file.js';
 import { ReadOnlyDevice } from '../../block/readonly.js';
 import { NbdBlockDevice } from '../../nbd/client.js';
@@ -62,6 +62,8 @@ export class LocalVolume {
     readonly dataKey: Buffer,
     /** read-only view of the source, for serving chunks. */
     readonly device: BlockDevice,
+    /** the same source, writable, for applying epochs shipped back by a remote edge. */
+    private readonly rw: BlockDevice,
     private readonly zeroMap: Uint8Array,
     private readonly helper: ChildProcess | null,
     private readonly cleanup: string | null,
@@ -78,6 +80,22 @@ export class LocalVolume {
   /** The chunk is known to read as zeroes without reading it (a hole or zero extent). */
   isZeroChunk(index: number): boolean {
     return (this.zeroMap[index >> 3]! & (1 << (index & 7))) !== 0;
+  }
+
+  /**
+   * The writable source, for the applier. Writes through it clear the zero map of the chunks
+   * they touch, so a chunk that was a hole is never answered as zeroes after data landed in it.
+   */
+  get writable(): BlockDevice {
+    return new ZeroMapTracking(this.rw, (offset, length) => this.markWritten(offset, length));
+  }
+
+  /** Data may land in [offset, offset + length): those chunks are no longer known zero. */
+  markWritten(offset: number, length: number): void {
+    if (length === 0) return;
+    const first = Math.floor(offset / this.chunkSize);
+    const last = Math.floor((offset + length - 1) / this.chunkSize);
+    for (let c = first; c <= last; c++) this.zeroMap[c >> 3] = this.zeroMap[c >> 3]! & ~(1 << (c & 7));
   }
 
   get zeroChunks(): number {
@@ -104,13 +122,15 @@ export class LocalVolume {
     const dataKey = await familyKey(ctx.stateDir, family);
     const format = cfg.format ?? 'raw';
     let device: BlockDevice;
+    let rw: BlockDevice;
     let helper: ChildProcess | null = null;
     let cleanup: string | null = null;
     if (format === 'raw') {
       try {
         // Read-write fd so the lock can be exclusive (F_WRLCK): QEMU's read locks on the
         // image's permission bytes then fail, so no VM opens the disk while we own it.
-        device = new ReadOnlyDevice(await FileDevice.open(cfg.source, { readonly: false, lock: true }));
+        rw = await FileDevice.open(cfg.source, { readonly: false, lock: true });
+        device = new ReadOnlyDevice(rw);
       } catch (err) {
         throw new VolumeError('SPW_ERR_VOLUME_OPEN', `volume ${cfg.name}: cannot open ${cfg.source}: ${(err as Error).message}`, { cause: err });
       }
@@ -119,7 +139,7 @@ export class LocalVolume {
       await mkdir(sockDir, { recursive: true, mode: 0o700 });
       const sock = path.join(sockDir, `${cfg.name}.qemu-nbd.sock`);
       await rm(sock, { force: true });
-      helper = spawn('qemu-nbd', ['--format', format, '--socket', sock, '--persistent', '--shared', '16', '--export-name', '', '--read-only', cfg.source], { stdio: ['ignore', 'ignore', 'pipe'] });
+      helper = spawn('qemu-nbd', ['--format', format, '--socket', sock, '--persistent', '--shared', '16', '--export-name', '', cfg.source], { stdio: ['ignore', 'ignore', 'pipe'] });
       let stderr = '';
       helper.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
       const exited = new Promise<number | null>((r) => helper!.once('exit', (code) => r(code)));
@@ -135,15 +155,20 @@ export class LocalVolume {
         }
       }
       try {
-        device = new ReadOnlyDevice(await NbdBlockDevice.open({ socket: sock, exportName: '' }));
+        rw = await NbdBlockDevice.open({ socket: sock, exportName: '' });
+        device = new ReadOnlyDevice(rw);
       } catch (err) {
+        // qemu-nbd may create its socket before it opens the image: if it exits now, its own
+        // message says what is wrong with the image.
+        const gone = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 1000))]);
         helper.kill('SIGKILL');
+        if (gone) throw new VolumeError('SPW_ERR_VOLUME_OPEN', `volume ${cfg.name}: qemu-nbd could not open ${cfg.source} as ${format}: ${stderr.trim() || 'no output'}`, { cause: err });
         throw new VolumeError('SPW_ERR_VOLUME_OPEN', `volume ${cfg.name}: cannot read qemu-nbd's export of ${cfg.source}: ${(err as Error).message}`, { cause: err });
       }
       cleanup = sock;
     }
     const zeroMap = await buildZeroMap(device, cfg.chunkSize);
-    const vol = new LocalVolume(cfg.name, family, cfg.chunkSize, dataKey, device, zeroMap, helper, cleanup);
+    const vol = new LocalVolume(cfg.name, family, cfg.chunkSize, dataKey, device, rw, zeroMap, helper, cleanup);
     ctx.log('info', 'volume registered', { volume: cfg.name, source: cfg.source, format, size: vol.size, chunks: vol.chunkCount, zeroChunks: vol.zeroChunks, family });
     return vol;
   }
@@ -156,6 +181,23 @@ export class LocalVolume {
       await gone;
     }
     if (this.cleanup) await rm(this.cleanup, { force: true });
+  }
+}
+
+/** Passes writes through, telling the volume first where data lands. */
+class ZeroMapTracking extends FilterDevice {
+  constructor(
+    inner: BlockDevice,
+    private readonly onWrite: (offset: number, length: number) => void,
+  ) {
+    super(inner);
+  }
+  get description(): string {
+    return `zero-map-tracking(${this.inner.description})`;
+  }
+  override async write(offset: number, data: Buffer, opts?: IoOptions): Promise<void> {
+    this.onWrite(offset, data.length);
+    await this.inner.write(offset, data, opts);
   }
 }
 

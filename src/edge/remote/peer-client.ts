@@ -85,6 +85,16 @@ export class PeerClient extends EventEmitter {
     return c.send(msg);
   }
 
+  /** A ready connection (round robin), for a sender that pins a sequence of frames to one. */
+  pick(): LinkConnection | undefined {
+    const conns = [...this.ready];
+    if (conns.length === 0) {
+      this.kick();
+      return undefined;
+    }
+    return conns[this.rr++ % conns.length];
+  }
+
   /** Cut the dialers' backoff short (at most twice a second): work is waiting for the link. */
   kick(): void {
     const now = Date.now();

@@ -39,7 +39,8 @@ interface Waiter {
 interface Pending {
   priority: Priority;
   waiters: Waiter[];
-  /** a push, not yet wanted by anyone: nobody waits, but don't ask for it twice. */
+  /** cache fill token taken when the fetch was sent (a later invalidation makes it stale). */
+  token: number;
 }
 
 let nextReqId = 1;
@@ -51,6 +52,10 @@ export class RemoteVolume {
   private readonly opening = new Map<number, { resolve: (m: LinkMessage) => void }>();
   private readonly metrics = remoteMetrics();
   private closed = false;
+  /** chunks whose fills are refused while a batch of writes to them is on its way (I5). */
+  private readonly noFill = new Map<number, number>();
+  /** the family's data key, in memory only (the journal of this volume is sealed with it). */
+  dataKey: Buffer | null = null;
 
   constructor(
     readonly name: string,
@@ -90,6 +95,7 @@ export class RemoteVolume {
         this.cache.setKey(info.family, m.dataKey, { replace: true });
       }
       this.cache.attachVolume(this.name, info.family);
+      this.dataKey = Buffer.from(m.dataKey);
       this.signer = new ChunkSigner(deriveKeys(m.dataKey).signKey);
       return info;
     }
@@ -132,7 +138,7 @@ export class RemoteVolume {
         }
         return;
       }
-      this.pending.set(index, { priority, waiters: [w] });
+      this.pending.set(index, { priority, waiters: [w], token: this.cache.fillToken(this.name, index) });
       this.send([{ start: index, count: 1 }], priority);
     });
   }
@@ -141,7 +147,7 @@ export class RemoteVolume {
    *  Returns how many were asked for (the others are cached or already on their way). */
   prefetch(indices: number[], priority: Priority): number {
     const want = indices.filter((i) => i >= 0 && i < this.chunkCount && !this.pending.has(i) && this.cache.lookup(this.name, i) === null);
-    for (const i of want) this.pending.set(i, { priority, waiters: [] });
+    for (const i of want) this.pending.set(i, { priority, waiters: [], token: this.cache.fillToken(this.name, i) });
     if (want.length > 0) this.send(toRanges(want), priority);
     return want.length;
   }
@@ -166,7 +172,8 @@ export class RemoteVolume {
           this.peer.send({ type: 'need-data', handle: info.handle, index: msg.index, priority: msg.priority });
           return;
         }
-        await this.cache.put(this.name, info.family, msg.index, Buffer.from(msg.signature), data);
+        const fill = this.fillOptions(msg.index);
+        if (fill) await this.cache.put(this.name, info.family, msg.index, Buffer.from(msg.signature), data, fill);
         this.metrics.received.inc({ kind: msg.pushed ? 'pushed' : 'data' });
         this.settle(msg.index, data);
         return;
@@ -175,7 +182,8 @@ export class RemoteVolume {
         if (msg.handle !== info.handle || msg.index >= this.chunkCount) return;
         if (this.cache.hasContent(info.family, msg.signature)) {
           const data = await this.cache.getContent(info.family, msg.signature);
-          if (data && data.length === msg.rawLength && (await this.cache.map(this.name, msg.index, Buffer.from(msg.signature)))) {
+          const fill = this.fillOptions(msg.index);
+          if (data && data.length === msg.rawLength && (!fill || (await this.cache.map(this.name, msg.index, Buffer.from(msg.signature), fill)))) {
             this.metrics.received.inc({ kind: 'signature' });
             this.settle(msg.index, data);
             return;
@@ -186,13 +194,43 @@ export class RemoteVolume {
       }
       case 'chunk-zero':
         if (msg.handle !== info.handle || msg.index >= this.chunkCount) return;
-        await this.cache.putZero(this.name, msg.index);
+        {
+          const fill = this.fillOptions(msg.index);
+          if (fill) await this.cache.putZero(this.name, msg.index, fill);
+        }
         this.metrics.received.inc({ kind: 'zero' });
         this.settle(msg.index, 'zero');
         return;
       default:
         return;
     }
+  }
+
+  /**
+   * I5: forget what the cache holds for these chunks (durably) and refuse to cache answers for
+   * them until release(): a batch of writes to them is on its way to the origin, which may
+   * answer a fetch with data it read before applying the batch.
+   */
+  async guard(chunks: number[]): Promise<void> {
+    for (const c of chunks) this.noFill.set(c, (this.noFill.get(c) ?? 0) + 1);
+    await Promise.all(chunks.map((c) => this.cache.invalidate(this.name, c)));
+  }
+
+  /** The origin applied the batch: invalidate once more (fills that raced it) and allow fills. */
+  async release(chunks: number[]): Promise<void> {
+    await Promise.all(chunks.map((c) => this.cache.invalidate(this.name, c)));
+    for (const c of chunks) {
+      const n = (this.noFill.get(c) ?? 1) - 1;
+      if (n <= 0) this.noFill.delete(c);
+      else this.noFill.set(c, n);
+    }
+  }
+
+  /** Options for filling the cache with an answer for `index`, or null: don't cache it. */
+  private fillOptions(index: number): { fillToken?: number } | null {
+    if (this.noFill.has(index)) return null;
+    const p = this.pending.get(index);
+    return p ? { fillToken: p.token } : {};
   }
 
   close(): void {
