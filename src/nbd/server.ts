@@ -260,9 +260,20 @@ class Connection {
     this.stream.destroy();
   }
 
-  private send(buf: Buffer): void {
-    this.stream.write(buf);
+  private send(buf: Buffer, done?: () => void): void {
+    // Replies that complete in one turn of the event loop leave in one writev: a socket write
+    // costs about as much as handling a small request, so one per reply halves the request rate.
+    if (!this.corked) {
+      this.corked = true;
+      this.stream.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.stream.uncork();
+      });
+    }
+    this.stream.write(buf, done);
   }
+  private corked = false;
 
   // ------------------------------------------------------------------------------ negotiation
 
@@ -595,7 +606,7 @@ class Connection {
     } else {
       encodeSimpleReply(out, 0, 0, req.handle);
     }
-    this.stream.write(out, () => pool.release(out));
+    this.send(out, () => pool.release(out));
   }
 
   private async doBlockStatus(dev: BlockDevice, req: RequestHeader): Promise<void> {
