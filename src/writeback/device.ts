@@ -41,8 +41,12 @@ export interface WriteBackOptions {
   shipper: ShipperLink | null;
   /** an epoch is sealed without a guest flush once it holds this many bytes (memory bound). */
   epochMax: number;
-  /** write the overlay checkpoint at most this often (ms). */
+  /** checkpoint the overlay (fdatasync it, then let the journal forget what it holds) this often
+   *  (ms; default 30 s), or sooner once `checkpointEveryBytes` were applied since the last one
+   *  (default 256 MiB). Each checkpoint is a random-write fdatasync on the overlay, so not per
+   *  flush; between checkpoints a restart replays the journal into the overlay. */
   checkpointEveryMs?: number;
+  checkpointEveryBytes?: number;
   volume: string;
 }
 
@@ -65,13 +69,19 @@ export class WriteBackDevice implements BlockDevice {
   private unappliedBytes = 0;
   private closed = false;
   private failure: Error | null = null;
+  /** a remote-only write completed since the overlay's last flush (a FLUSH must sync it). */
+  private overlayDirty = false;
   private readonly metrics = writebackMetrics();
   private readonly checkpointEveryMs: number;
+  private readonly checkpointEveryBytes: number;
+  private appliedSinceCheckpoint = 0;
 
   private constructor(private readonly opts: WriteBackOptions) {
     const o = opts.overlay;
     this.size = o.size;
-    this.checkpointEveryMs = opts.checkpointEveryMs ?? 1000;
+    this.checkpointEveryMs = opts.checkpointEveryMs ?? 30_000;
+    this.checkpointEveryBytes = opts.checkpointEveryBytes ?? 256 * 1024 * 1024;
+    this.lastCheckpoint = Date.now();
     this.description = `writeback(${describe(opts.policy)}) → ${o.description}`;
     this.capabilities = {
       ...o.capabilities,
@@ -154,7 +164,7 @@ export class WriteBackDevice implements BlockDevice {
       const part = buf.subarray(p.offset - offset, p.offset - offset + p.length);
       this.metrics.guestBytes.inc({ volume: this.opts.volume, policy: p.policy }, p.length);
       if (p.policy === 'remote-only') {
-        local.push(this.opts.overlay.write(p.offset, part, opts));
+        local.push(this.opts.overlay.write(p.offset, part, opts).then(() => void (this.overlayDirty = true)));
         continue;
       }
       const data = Buffer.from(part); // the map keeps it; the caller may reuse `buf`
@@ -178,12 +188,21 @@ export class WriteBackDevice implements BlockDevice {
   }
 
   /**
-   * Make every acknowledged write durable: remote-only ones in the overlay, shipped ones by
-   * sealing the epoch (journal fdatasync). (Write-through writes already waited for the origin.)
+   * Make every acknowledged write durable: shipped ones by sealing the epoch (one journal
+   * fdatasync), remote-only ones by flushing the overlay, only when some completed since its
+   * last flush. The overlay's copy of sealed epochs needs no flush here: the journal replays it.
+   * (Write-through writes already waited for the origin.)
    */
   async flush(): Promise<void> {
     this.assertUsable();
-    await Promise.all([this.seal(), this.opts.overlay.flush()]);
+    const overlay = this.overlayDirty;
+    this.overlayDirty = false;
+    try {
+      await Promise.all([this.seal(), overlay ? this.opts.overlay.flush() : undefined]);
+    } catch (err) {
+      if (overlay) this.overlayDirty = true;
+      throw err;
+    }
   }
 
   /**
@@ -242,7 +261,7 @@ export class WriteBackDevice implements BlockDevice {
     for (const p of this.opts.policy.split(offset, length)) {
       this.metrics.guestBytes.inc({ volume: this.opts.volume, policy: p.policy }, p.length);
       if (p.policy === 'remote-only') {
-        local.push(trim ? this.opts.overlay.trim(p.offset, p.length) : zeroRange(this.opts.overlay, p.offset, p.length));
+        local.push((trim ? this.opts.overlay.trim(p.offset, p.length) : zeroRange(this.opts.overlay, p.offset, p.length)).then(() => void (this.overlayDirty = true)));
         continue;
       }
       this.current.zero(p.offset, p.length);
@@ -250,6 +269,7 @@ export class WriteBackDevice implements BlockDevice {
       shipped = strictest(shipped, p.policy);
     }
     await Promise.all(local);
+    if (fua && local.length > 0) await this.opts.overlay.flush();
     await this.afterShippedOp(shipped, fua);
   }
 
@@ -283,6 +303,7 @@ export class WriteBackDevice implements BlockDevice {
       const i = this.unapplied.indexOf(entry);
       if (i >= 0) this.unapplied.splice(i, 1);
       this.unappliedBytes -= entry.map.bytes;
+      this.appliedSinceCheckpoint += entry.map.bytes;
       await this.checkpoint(false);
     } catch (err) {
       this.fail(err);
@@ -294,10 +315,11 @@ export class WriteBackDevice implements BlockDevice {
     const j = this.opts.journal;
     if (!j) return;
     if (this.checkpointing) return this.checkpointing;
-    if (!force && Date.now() - this.lastCheckpoint < this.checkpointEveryMs) return;
+    if (!force && Date.now() - this.lastCheckpoint < this.checkpointEveryMs && this.appliedSinceCheckpoint < this.checkpointEveryBytes) return;
     const upTo = this.unapplied.length > 0 ? this.unapplied[0]!.seq - 1 : j.lastSealed;
     if (upTo <= j.checkpointSeq) return;
     this.lastCheckpoint = Date.now();
+    this.appliedSinceCheckpoint = 0;
     this.checkpointing = (async () => {
       await this.opts.overlay.flush();
       await j.setCheckpoint(upTo);

@@ -298,6 +298,40 @@ for (const policyName of ['origin', 'write-through', 'remote-only', 'mixed'] as 
   });
 }
 
+test('writing far past epochMax without a flush seals early and waits for the overlay without spinning', { timeout: 60_000 }, async () => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'spw-wbmax-'));
+  try {
+    const big = 8 * 1024 * 1024;
+    await writeFile(path.join(dir, 'origin.img'), Buffer.alloc(big));
+    const origin = await FileDevice.open(path.join(dir, 'origin.img'), { readonly: false, lock: false });
+    const overlay = new SlowWrites(await OverlayDevice.open(noClose(new ReadOnlyDevice(origin)), { path: path.join(dir, 'vol.overlay'), granularity: 4096 }));
+    const journal = await Journal.open({ dir: path.join(dir, 'journal'), dataKey: KEY });
+    const dev = await WriteBackDevice.open({ overlay, policy: new PolicyMap(big, 'origin'), journal, shipper: null, epochMax: 64 * 1024, volume: 'v' });
+    // A timer must keep firing while the writes run: a spinning memory bound would starve it.
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 5);
+    const started = Date.now();
+    const want: Buffer[] = [];
+    for (let off = 0; off < big; off += 256 * 1024) {
+      const data = pattern(256 * 1024, 3, off);
+      want.push(data);
+      await dev.write(off, data);
+    }
+    clearInterval(timer);
+    assert.ok(journal.lastSealed >= 32, `each write past epochMax sealed an epoch without a flush (${journal.lastSealed})`);
+    assert.ok(ticks > 0 || Date.now() - started < 10, 'the event loop kept running');
+    assert.ok(dev.stats().unappliedBytes <= 3 * 64 * 1024 + 256 * 1024, `memory stays bounded (${dev.stats().unappliedBytes} bytes unapplied)`);
+    const b = Buffer.alloc(big);
+    await dev.read(0, b);
+    assert.ok(b.equals(Buffer.concat(want)), 'reads see the writes');
+    await dev.close();
+    await journal.close();
+    await origin.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 /** An overlay whose writes wait until released: sealed epochs stay unapplied meanwhile. */
 class GatedWrites extends FilterDevice {
   private gate: Promise<void> = new Promise(() => undefined);
