@@ -33,6 +33,7 @@ lint: typecheck
 
 bench: build
 	npx tsx bench/nbd.ts
+	npx tsx bench/writeback.ts
 
 clean:
 	rm -rf dist build .work

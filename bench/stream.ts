@@ -19,7 +19,7 @@
 // A benchmark, not a test: it exits 0 whether targets are met or missed (see bench/README.md).
 
 import { existsSync } from 'node:fs';
-import { cp, mkdir, open, readdir, readFile, realpath, rm, symlink, writeFile } from 'node:fs/promises';
+import { cp, mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createHash, randomBytes } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
@@ -28,8 +28,9 @@ import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import { SecureCache } from '../src/cache/cache.js';
 import { SlabStore } from '../src/cache/slab.js';
-import { metric, startTwoSites, type TwoSites, type TwoSitesOptions } from '../test/helpers/edges.js';
-import { installCleanupHandlers, onCleanup, runBench } from './lib/cleanup.js';
+import { metric, type TwoSitesOptions } from '../test/helpers/edges.js';
+import { installCleanupHandlers, runBench } from './lib/cleanup.js';
+import { copyBuild, startSites } from './lib/sites.js';
 import { makeTempDir, writeRandomFile } from './lib/files.js';
 import { buildFsImage, DEFAULT_FS_MIX, imageCensus, SYSTEM_SOURCES, type FsImageReport, type ImageCensus } from './lib/image.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
@@ -139,21 +140,6 @@ function parseOptions(argv: string[]): Options | null {
 
 // ------------------------------------------------------------------------------ processes
 
-/**
- * A copy of `fromRoot`'s dist/ with what it needs beside it (package.json, the native addon, a
- * node_modules link), so other people rebuilding dist/ during the run do not change the code
- * under test. Returns the copy's cli.js.
- */
-async function copyBuild(fromRoot: string, toRoot: string): Promise<string> {
-  const cli = path.join(fromRoot, 'dist', 'cli.js');
-  if (!existsSync(cli)) throw new Error(`${cli} is missing: run \`npm run build\` first`);
-  await mkdir(path.join(toRoot, 'build'), { recursive: true });
-  await cp(path.join(fromRoot, 'dist'), path.join(toRoot, 'dist'), { recursive: true });
-  await cp(path.join(fromRoot, 'package.json'), path.join(toRoot, 'package.json'));
-  await symlink(await realpath(path.join(fromRoot, 'node_modules')), path.join(toRoot, 'node_modules'));
-  await cp(path.join(fromRoot, 'build', 'Release'), path.join(toRoot, 'build', 'Release'), { recursive: true });
-  return path.join(toRoot, 'dist', 'cli.js');
-}
 
 /** What the unencrypted build's cloud edge logs as it loads the cache. */
 const INSECURE_MARK = 'INSECURE benchmark-only build';
@@ -196,27 +182,6 @@ async function plainCacheBuild(dir: string, encryptedCli: string): Promise<{ cli
   return { cli };
 }
 
-/** Start the two sites and make sure they are stopped whatever happens. */
-async function startSites(dir: string, image: string, o: TwoSitesOptions): Promise<{ sites: TwoSites; stop: () => Promise<void> }> {
-  await mkdir(dir, { recursive: true });
-  const sites = await startTwoSites(dir, image, o);
-  const unregister = onCleanup({
-    label: `stop the edges and relay in ${dir}`,
-    async: () => sites.stop(),
-    sync: () => {
-      for (const p of [sites.cloud, sites.onprem, sites.wanem]) {
-        if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill('SIGKILL');
-      }
-    },
-  });
-  return {
-    sites,
-    stop: async () => {
-      await sites.stop();
-      unregister();
-    },
-  };
-}
 
 interface RelayStats {
   bytes: { clientToTarget: number; targetToClient: number };
