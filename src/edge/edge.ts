@@ -11,7 +11,7 @@ import type tls from 'node:tls';
 
 import { existsSync } from 'node:fs';
 
-import type { BlockDevice } from '../block/device.js';
+import { FilterDevice, type BlockDevice } from '../block/device.js';
 import { OverlayDevice } from '../block/overlay.js';
 import { StatsDevice } from '../block/stats.js';
 import { SecureCache } from '../cache/cache.js';
@@ -43,6 +43,16 @@ export interface EdgeStatus {
   local: Array<{ volume: string; size: number; chunks: number; zeroChunks: number }>;
   remote: Array<{ volume: string; peer: string; ready: boolean; size?: number; error?: string; writes?: VolumeWriteStatus }>;
   peers: Array<{ name: string; connected: boolean; connections: number; reconnects: number; lastError: string }>;
+}
+
+/** A device lent to a layer that closes what it wraps: close() leaves it open. */
+class Borrowed extends FilterDevice {
+  get description(): string {
+    return this.inner.description;
+  }
+  override close(): Promise<void> {
+    return Promise.resolve();
+  }
 }
 
 /** A control request that cannot be served, with the HTTP status to answer. */
@@ -77,6 +87,7 @@ interface RemoteEntry {
   error?: string;
   writeback?: WriteBackDevice;
   shipper?: Shipper;
+  journal?: Journal;
   policy?: PolicyMap;
 }
 
@@ -206,7 +217,10 @@ export class Edge {
     const overlayPath = path.join(dir, `${name}.overlay`);
     // 4 KiB granules: a guest's aligned write never has to fetch the rest of a chunk first.
     // An overlay made by an earlier version keeps the granularity its bitmap records.
-    const overlay = await OverlayDevice.open(streamed, { path: overlayPath, granularity: existsSync(overlayPath) ? undefined : 4096 });
+    // The overlay gets the read path on loan: if building the rest fails, the open is retried
+    // with the same RemoteVolume, so closing the overlay must not close it (stop() does).
+    const overlay = await OverlayDevice.open(new Borrowed(streamed), { path: overlayPath, granularity: existsSync(overlayPath) ? undefined : 4096 });
+    let journal: Journal | null = null;
     try {
       const ranges: PolicyRange[] = [];
       if (e.swap === 'remote-only' && e.writes !== 'remote-only') {
@@ -224,7 +238,6 @@ export class Edge {
       for (const x of e.ranges) ranges.push({ offset: x.offset, length: x.length, policy: x.writes, source: 'config' });
       const policy = new PolicyMap(streamed.size, e.writes, ranges);
       r.policy = policy;
-      let journal: Journal | null = null;
       let shipper: Shipper | null = null;
       if (policy.shipsAnything) {
         journal = await Journal.open({ dir: path.join(this.config.state, 'journal', name), dataKey: r.volume.dataKey!, onCorruption: e.onJournalCorruption });
@@ -243,9 +256,12 @@ export class Edge {
       shipper?.start();
       r.writeback = wb;
       r.shipper = shipper ?? undefined;
+      r.journal = journal ?? undefined;
       r.device = new StatsDevice(wb, { exportName: name });
       if (ranges.length > 0) this.log('info', 'write policy ranges', { volume: name, default: e.writes, ranges });
     } catch (err) {
+      // The open is retried: leave nothing held (the journal refuses a second open).
+      await journal?.close().catch(() => undefined);
       await overlay.close().catch(() => undefined);
       throw err;
     }
@@ -386,7 +402,9 @@ export class Edge {
     await nbd?.close();
     for (const r of this.remoteVolumes.values()) {
       await r.shipper?.stop();
-      await r.device?.close().catch(() => undefined);
+      await r.device?.close().catch(() => undefined); // seals what the guest wrote
+      await r.journal?.close().catch(() => undefined);
+      r.volume.close();
     }
     for (const p of this.peers.values()) await p.stop();
     for (const c of this.linkConns) c.close();
