@@ -32,6 +32,7 @@ import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
 import { median, spread } from './lib/stats.js';
 import { fmt, formatTable, type Column } from './lib/table.js';
+import { prng } from '../test/helpers/random.js';
 
 const MiB = 2 ** 20;
 /** Links the decision is sized for, in MiB/s of payload (decimal bits on the wire). */
@@ -584,17 +585,8 @@ interface BuiltImage {
   mkfs: string;
 }
 
-/** mulberry32: a small seeded PRNG, so one machine always builds the same image. */
-function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
+/** mulberry32 (test/helpers/random.ts): one machine always builds the same image. */
+const seededRandom = prng;
 
 /**
  * Copy system files into a staging tree, then mkfs.ext4 -d. Each root gives an equal share of

@@ -37,7 +37,7 @@ import { REPO_ROOT } from './lib/nbd-servers.js';
 import { freePort, haveCommand, processCpuSeconds, runCommand, startBackground, waitForListen, type Background } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
-import { median, ratio, spread } from './lib/stats.js';
+import { diff, median, ratio, spread } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
 import { positiveInt } from './lib/args.js';
 
@@ -250,13 +250,6 @@ const COUNTERS: readonly [string, string, Record<string, string>][] = [
 async function counters(url: string): Promise<Record<string, number>> {
   const out: Record<string, number> = {};
   for (const [k, name, labels] of COUNTERS) out[k] = await metric(url, name, labels).catch(() => Number.NaN);
-  return out;
-}
-
-function diff(after: Record<string, number>, before: Record<string, number>, digits = 2): Record<string, number> {
-  const out: Record<string, number> = {};
-  const f = 10 ** digits;
-  for (const k of Object.keys(after)) out[k] = Math.round(((after[k] ?? 0) - (before[k] ?? 0)) * f) / f;
   return out;
 }
 

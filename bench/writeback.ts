@@ -33,7 +33,7 @@ import { probeExport, REPO_ROOT, startNbdServer, type ExportInfo } from './lib/n
 import { haveCommand, processCpuSeconds, runCommand } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
-import { median, ratio, spread } from './lib/stats.js';
+import { diff, median, ratio, spread } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
 
 const PARTS = ['guest', 'coalescing', 'rpo'] as const;
@@ -200,13 +200,6 @@ const STATS_SETTLE_MS = 700;
 async function cpuOf(pids: Record<string, number>): Promise<Record<string, number>> {
   const out: Record<string, number> = {};
   for (const [k, pid] of Object.entries(pids)) out[k] = await processCpuSeconds(pid).catch(() => Number.NaN);
-  return out;
-}
-
-function diff(after: Record<string, number>, before: Record<string, number>, digits = 2): Record<string, number> {
-  const out: Record<string, number> = {};
-  const f = 10 ** digits;
-  for (const k of Object.keys(after)) out[k] = Math.round(((after[k] ?? 0) - (before[k] ?? 0)) * f) / f;
   return out;
 }
 

@@ -23,3 +23,11 @@ export function spread(values: readonly number[]): number | null {
   if (!Number.isFinite(m) || m === 0) return null;
   return (Math.max(...values) - Math.min(...values)) / m;
 }
+
+/** after − before per key, rounded to `digits` decimals (counters sampled around a measurement). */
+export function diff(after: Record<string, number>, before: Record<string, number>, digits = 2): Record<string, number> {
+  const out: Record<string, number> = {};
+  const f = 10 ** digits;
+  for (const k of Object.keys(after)) out[k] = Math.round(((after[k] ?? 0) - (before[k] ?? 0)) * f) / f;
+  return out;
+}
