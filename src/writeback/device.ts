@@ -249,6 +249,7 @@ export class WriteBackDevice implements BlockDevice {
     this.closed = true;
     await this.lastSeal.catch(() => undefined);
     await this.applyChain.catch(() => undefined);
+    await this.checkpointing?.catch(() => undefined);
     await this.checkpoint(true).catch(() => undefined);
     await this.opts.overlay.close();
   }
@@ -304,7 +305,9 @@ export class WriteBackDevice implements BlockDevice {
       if (i >= 0) this.unapplied.splice(i, 1);
       this.unappliedBytes -= entry.map.bytes;
       this.appliedSinceCheckpoint += entry.map.bytes;
-      await this.checkpoint(false);
+      // In the background: the overlay's fdatasync can take a second after a lot of writes, and
+      // the next epochs must not wait behind it (writes would stall on the memory bound).
+      void this.checkpoint(false).catch((err: unknown) => this.fail(err));
     } catch (err) {
       this.fail(err);
     }

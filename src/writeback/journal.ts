@@ -118,6 +118,9 @@ export class JournalCorruptError extends Error {
 const DEFAULT_SEGMENT_BYTES = 64 << 20;
 const STATE_FILE = 'journal.state';
 const SEGMENT_RE = /^([0-9a-f]{16})\.jnl$/;
+/** Unsealed bytes written before a sync is started in the background. */
+const BACKGROUND_SYNC_BYTES = 8 * 1024 * 1024;
+
 /** Bytes and buffers per positional writev. */
 const MAX_WRITE_BATCH = 16 << 20;
 const MAX_IOV = 1024;
@@ -304,6 +307,8 @@ export class Journal {
   private queue: QueueItem[] = [];
   private pumping: Promise<void> | null = null;
   private readonly gc: GroupCommit;
+  /** bytes written since the last sync was started. */
+  private unsyncedBytes = 0;
   private readonly dirty = new Set<Segment>();
   /** created segments whose file handle is open. */
   private readonly openFiles = new Set<Segment>();
@@ -671,7 +676,15 @@ export class Journal {
           await writeFully(fh, bufs, seg.written);
           seg.written += bytes;
           this.dirty.add(seg);
+          this.unsyncedBytes += bytes;
+          if (seals.length === 0 && this.unsyncedBytes >= BACKGROUND_SYNC_BYTES) {
+            // Write back a long unsealed epoch as it grows, so that the fdatasync of its seal
+            // (which the guest's FLUSH, or new writes past epochMax, wait for) stays short.
+            this.unsyncedBytes = 0;
+            void this.gc.flush().catch((err: unknown) => this.fail(err));
+          }
           if (seals.length > 0) {
+            this.unsyncedBytes = 0;
             // A sync that starts after this write covers it and everything written before.
             void this.gc.flush().then(
               () => {

@@ -286,10 +286,10 @@ export class Shipper implements ShipperLink {
       if (op.kind === 'write') map.write(op.offset, op.data);
       else map.zero(op.offset, op.length);
     }
-    // All-zero data travels as a zero extent; the digest covers extents as they are sent.
-    const extents = frames(map.extents()).map((e) => (e.data && isAllZero(e.data) ? { ...e, data: null } : e));
+    const extents = frames(map.extents());
+    let bytes = 0;
+    for (const e of extents) bytes += e.length;
     const digest = new BatchDigest();
-    for (const e of extents) digest.update(e.offset, e.length, e.data === null, e.data ?? undefined);
     const chunks = chunksOfExtents(map.extents(), this.opts.chunkSize);
     if (this.opts.guard) {
       await this.opts.guard.guard(chunks);
@@ -302,10 +302,16 @@ export class Shipper implements ShipperLink {
       const started = Date.now();
       const reply = this.reply(`b${batch}`, channel, this.opts.ackTimeoutMs ?? 120_000);
       let linkBytes = 0;
-      await channel.send({ type: 'epoch-begin', handle, batch, journalId: j.id, firstSeq: first, lastSeq: last, extents: digest.extents, bytes: digest.bytes });
+      await channel.send({ type: 'epoch-begin', handle, batch, journalId: j.id, firstSeq: first, lastSeq: last, extents: extents.length, bytes });
       for (const e of extents) {
+        // Hashing and compressing a batch is tens of milliseconds of CPU per 64 MiB: give the
+        // event loop (guest I/O) a turn between frames instead of doing it all at once.
+        await new Promise((r) => setImmediate(r));
+        // All-zero data travels as a zero extent; the digest covers extents as they are sent.
+        const zero = e.data === null || isAllZero(e.data);
+        digest.update(e.offset, e.length, zero, zero ? undefined : e.data!);
         let msg: LinkMessage;
-        if (e.data === null) msg = { type: 'epoch-data', handle, batch, offset: e.offset, length: e.length, zero: true, codec: 0, payload: Buffer.alloc(0) };
+        if (zero || e.data === null) msg = { type: 'epoch-data', handle, batch, offset: e.offset, length: e.length, zero: true, codec: 0, payload: Buffer.alloc(0) };
         else {
           const c = compressChunk(e.data);
           if (c.codec === CODEC_ZERO) throw new ShipperError('internal: an all-zero extent was not classified as zero');

@@ -172,7 +172,8 @@ async function openRemote(dir: string, origin: FileDevice, policy: PolicyMap, li
   const journal = policy.shipsAnything ? await Journal.open({ dir: path.join(dir, 'journal'), dataKey: KEY }) : null;
   const shipper = journal ? new Shipper({ volume: 'v', journal, transport: link, chunkSize: CHUNK, rpoMs: 50, shipAtBytes: 64 * 1024, log: quiet, ackTimeoutMs: 5000 }) : null;
   link.shipper = shipper;
-  const device = await WriteBackDevice.open({ overlay, policy, journal, shipper, epochMax: 64 * 1024 * 1024, volume: 'v' });
+  // A checkpoint after every epoch: checkpoints run beside the next epochs' overlay writes.
+  const device = await WriteBackDevice.open({ overlay, policy, journal, shipper, epochMax: 64 * 1024 * 1024, volume: 'v', checkpointEveryMs: 0 });
   shipper?.start();
   return { journal, shipper, device };
 }
