@@ -141,7 +141,9 @@ interface Workload {
 }
 
 function fioArgs(name: string, uri: string, opts: Options, rw: string[]): string[] {
-  return [`--name=${name}`, '--ioengine=nbd', `--uri=${uri}`, ...rw, '--bs=4k', '--iodepth=16', `--runtime=${opts.fioRuntimeSec}`, '--time_based', ...FIO_PERCENTILE_ARGS, '--output-format=json'];
+  // --thread: a forked fio job stuck on a server that stopped answering would keep stdout open
+  // after the timeout killed fio, and hang the bench.
+  return [`--name=${name}`, '--ioengine=nbd', `--uri=${uri}`, ...rw, '--bs=4k', '--iodepth=16', `--runtime=${opts.fioRuntimeSec}`, '--time_based', '--thread', ...FIO_PERCENTILE_ARGS, '--output-format=json'];
 }
 
 async function runFio(args: string[], opts: Options) {

@@ -68,7 +68,7 @@ export function writebackMetrics(): WritebackMetrics {
     epochs: new Counter({ name: 'spillway_writeback_epochs_total', help: 'Epochs by event: sealed (durable in the journal), shipped (sent in a batch), acked (applied by the origin)', labelNames: ['volume', 'event'], registers: [registry] }),
     epochBytes: new Counter({ name: 'spillway_writeback_epoch_bytes_total', help: 'Bytes in sealed epochs after coalescing within each epoch', labelNames: ['volume'], registers: [registry] }),
     shippedBytes: new Counter({ name: 'spillway_writeback_shipped_bytes_total', help: 'Extent bytes shipped to the origin after coalescing across the epochs of a batch', labelNames: ['volume'], registers: [registry] }),
-    linkBytes: new Counter({ name: 'spillway_writeback_link_bytes_total', help: 'Bytes of EPOCH_* frames sent on the link (after compression)', labelNames: ['volume'], registers: [registry] }),
+    linkBytes: new Counter({ name: 'spillway_writeback_link_bytes_total', help: 'Bytes of EPOCH_DATA frames sent on the link (after compression), counted as each frame is sent', labelNames: ['volume'], registers: [registry] }),
     batches: new Counter({ name: 'spillway_writeback_batches_total', help: 'Batches sent to the origin, by the status of its answer (applied, duplicate, gap, corrupt, io, not-owner, lost)', labelNames: ['volume', 'status'], registers: [registry] }),
     shipSeconds: new Histogram({ name: 'spillway_writeback_ship_seconds', help: 'Time from sending a batch to the origin acknowledging it', labelNames: ['volume'], buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], registers: [registry] }),
   };

@@ -301,7 +301,6 @@ export class Shipper implements ShipperLink {
       const batch = nextBatch++;
       const started = Date.now();
       const reply = this.reply(`b${batch}`, channel, this.opts.ackTimeoutMs ?? 120_000);
-      let linkBytes = 0;
       await channel.send({ type: 'epoch-begin', handle, batch, journalId: j.id, firstSeq: first, lastSeq: last, extents: extents.length, bytes });
       for (const e of extents) {
         // Hashing and compressing a batch is tens of milliseconds of CPU per 64 MiB: give the
@@ -317,13 +316,12 @@ export class Shipper implements ShipperLink {
           if (c.codec === CODEC_ZERO) throw new ShipperError('internal: an all-zero extent was not classified as zero');
           msg = { type: 'epoch-data', handle, batch, offset: e.offset, length: e.length, zero: false, codec: c.codec, payload: c.payload };
         }
-        linkBytes += 32 + (msg.type === 'epoch-data' ? msg.payload.length : 0);
         await channel.send(msg);
+        this.metrics.linkBytes.inc({ volume: this.opts.volume }, 32 + (msg.type === 'epoch-data' ? msg.payload.length : 0));
       }
       await channel.send({ type: 'epoch-end', handle, batch, digest: digest.digest() });
       this.batchesSent++;
       this.metrics.epochs.inc({ volume: this.opts.volume, event: 'shipped' }, last - first + 1);
-      this.metrics.linkBytes.inc({ volume: this.opts.volume }, linkBytes);
       const ack = await reply;
       if (ack.type !== 'epoch-ack') throw new ShipperError(`unexpected ${ack.type} reply to a batch`);
       const status = EPOCH_STATUS_NAMES[ack.status] ?? `status ${ack.status}`;
