@@ -20,7 +20,7 @@
 
 import { BlockError, blockStatusOf, type BlockCapabilities, type BlockDevice, type Extent, type IoOptions, type ZeroOptions } from '../block/device.js';
 import { ExtentMap } from './extent-map.js';
-import type { Journal, JournalOp } from './journal.js';
+import type { Journal } from './journal.js';
 import { PolicyMap, type WritePolicy } from './policy.js';
 import { writebackMetrics } from './metrics.js';
 
@@ -357,4 +357,3 @@ function describe(p: PolicyMap): string {
   return `${p.defaultPolicy}${extra}`;
 }
 
-export type { JournalOp };

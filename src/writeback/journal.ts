@@ -17,7 +17,7 @@
 import { constants as fsc } from 'node:fs';
 import { mkdir, open, readdir, readFile, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { fsyncDir, replaceFileDurably } from '../util/durable.js';
+import { fsyncDir, replaceFileDurably, writeFully } from '../util/durable.js';
 import { randomBytes, createSecretKey, type KeyObject } from 'node:crypto';
 import { GroupCommit } from '../block/group-commit.js';
 import { DATA_KEY_SIZE, deriveKeys, keyCheckValue } from '../cache/keys.js';
@@ -129,30 +129,6 @@ const READ_WINDOW = 4 << 20;
 
 function segmentName(seq: number): string {
   return `${seq.toString(16).padStart(16, '0')}.jnl`;
-}
-
-
-async function writeFully(fh: FileHandle, bufs: Buffer[], position: number): Promise<void> {
-  let pos = position;
-  let rest = bufs;
-  while (rest.length > 0) {
-    const total = rest.reduce((n, b) => n + b.length, 0);
-    const { bytesWritten } = await fh.writev(rest, pos);
-    if (bytesWritten === total) return;
-    // short write: skip what went out and continue with the rest
-    pos += bytesWritten;
-    let skip = bytesWritten;
-    const next: Buffer[] = [];
-    for (const b of rest) {
-      if (skip >= b.length) {
-        skip -= b.length;
-        continue;
-      }
-      next.push(skip > 0 ? b.subarray(skip) : b);
-      skip = 0;
-    }
-    rest = next;
-  }
 }
 
 /** Positional reads through a window, so a scan reads megabytes at a time, not records. */

@@ -281,11 +281,7 @@ export class Shipper implements ShipperLink {
       guest += e.bytes;
     }
     if (last < first) return;
-    const map = new ExtentMap();
-    for await (const { op } of j.readEpochs(first, last)) {
-      if (op.kind === 'write') map.write(op.offset, op.data);
-      else map.zero(op.offset, op.length);
-    }
+    const map = await this.coalesce(first, last);
     const extents = frames(map.extents());
     let bytes = 0;
     for (const e of extents) bytes += e.length;
@@ -378,12 +374,17 @@ export class Shipper implements ShipperLink {
 
   private async chunksOf(first: number, last: number): Promise<number[]> {
     if (last < first) return [];
+    return chunksOfExtents((await this.coalesce(first, last)).extents(), this.opts.chunkSize);
+  }
+
+  /** The writes of sealed epochs first..last, overlapping ones coalesced (last one wins). */
+  private async coalesce(first: number, last: number): Promise<ExtentMap> {
     const map = new ExtentMap();
     for await (const { op } of this.opts.journal.readEpochs(first, last)) {
       if (op.kind === 'write') map.write(op.offset, op.data);
       else map.zero(op.offset, op.length);
     }
-    return chunksOfExtents(map.extents(), this.opts.chunkSize);
+    return map;
   }
 
   /** A promise of the answer keyed `key`; it rejects when the channel closes, on timeout or

@@ -112,15 +112,16 @@ describe('a VM writes to a disk served from the other site', { timeout: 900_000 
       await bootAndWrite(t, images, sites, text);
       t.diagnostic(await guestIo(sites));
 
-      // Without being asked, the shipper sends sealed epochs within the RPO (2 s here).
+      // Without being asked (no drain), the shipper sends sealed epochs on its RPO timer (2 s
+      // here). A liveness check, not a timing one: the bound is far above the RPO.
       const sealedAtEnd = (await volumeStatus(sites)).writes!.lastSealed;
-      const rpoDeadline = Date.now() + 15_000;
+      const rpoDeadline = Date.now() + 60_000;
       let beforeDrain = await volumeStatus(sites);
       while (beforeDrain.writes!.ackedSeq < sealedAtEnd && Date.now() < rpoDeadline) {
         await new Promise((r) => setTimeout(r, 250));
         beforeDrain = await volumeStatus(sites);
       }
-      assert.ok(sealedAtEnd > 0 && beforeDrain.writes!.ackedSeq >= sealedAtEnd, `epochs reach the origin within the RPO, before any drain: ${JSON.stringify(beforeDrain.writes)}`);
+      assert.ok(sealedAtEnd > 0 && beforeDrain.writes!.ackedSeq >= sealedAtEnd, `epochs reach the origin on the RPO timer, before any drain: ${JSON.stringify(beforeDrain.writes)}`);
 
       const drainStart = Date.now();
       const drained = await run(process.execPath, [CLI, 'volume', 'drain', VOLUME, '--config', sites.cloudYaml, '--timeout', '180'], { allowFail: true });

@@ -19,7 +19,7 @@ import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { JOURNAL_ID_SIZE } from '../../link/protocol.js';
 import { native } from '../../block/native.js';
-import { fsyncDir } from '../../util/durable.js';
+import { fsyncDir, writeFully } from '../../util/durable.js';
 
 export const APPLIED_LOG_NAME = 'applied.log';
 export const APPLIED_RECORD_SIZE = 64;
@@ -92,8 +92,6 @@ export function decodeAppliedRecord(b: Buffer): AppliedRecord | null {
   return { kind, journalId: Buffer.from(b.subarray(8, 8 + JOURNAL_ID_SIZE)), firstSeq, lastSeq, bytes, extents: b.readUInt32BE(56), at };
 }
 
-export { fsyncDir };
-
 
 export interface OpenedAppliedLog {
   log: AppliedLog;
@@ -157,12 +155,7 @@ export class AppliedLog {
   async append(r: AppliedRecord): Promise<void> {
     const buf = encodeAppliedRecord(r);
     try {
-      let done = 0;
-      while (done < buf.length) {
-        const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, this.size + done);
-        if (bytesWritten === 0) throw new Error(`write made no progress in ${this.path}`);
-        done += bytesWritten;
-      }
+      await writeFully(this.fh, [buf], this.size);
       await this.fh.datasync();
     } catch (err) {
       await this.fh.truncate(this.size).catch(() => undefined);

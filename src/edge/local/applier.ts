@@ -32,7 +32,8 @@ import { EPOCH_STATUS, EPOCH_STATUS_NAMES, JOURNAL_ID_SIZE, MAX_EPOCH_EXTENT } f
 export { EPOCH_STATUS_NAMES };
 import type { Logger } from '../../log/logger.js';
 import { BatchDigest } from '../../writeback/batch.js';
-import { AppliedLog, fsyncDir, readSafeU64, type AppliedRecord } from './applied-log.js';
+import { fsyncDir, writeFully } from '../../util/durable.js';
+import { AppliedLog, readSafeU64, type AppliedRecord } from './applied-log.js';
 import { applierMetrics } from './metrics.js';
 
 export { readAppliedLog, type AppliedRecord } from './applied-log.js';
@@ -364,16 +365,7 @@ class StagingFile {
 
   async append(bufs: Buffer[]): Promise<void> {
     const total = bufs.reduce((n, b) => n + b.length, 0);
-    let { bytesWritten } = await this.fh.writev(bufs, this.pos);
-    if (bytesWritten < total) {
-      const rest = Buffer.concat(bufs).subarray(bytesWritten);
-      for (let done = 0; done < rest.length; ) {
-        const w = await this.fh.write(rest, done, rest.length - done, this.pos + bytesWritten + done);
-        if (w.bytesWritten === 0) throw new Error(`write made no progress in ${this.path}`);
-        done += w.bytesWritten;
-      }
-      bytesWritten = total;
-    }
+    await writeFully(this.fh, bufs, this.pos);
     this.pos += total;
   }
 
