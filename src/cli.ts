@@ -2,8 +2,10 @@
 // The `spillway` command. Each subcommand lives in src/cli/<name>.ts and registers itself here.
 
 import { Command } from 'commander';
+import { registerAnalyze } from './cli/analyze.js';
 import { registerEdge } from './cli/edge.js';
 import { registerPki } from './cli/pki.js';
+import { registerProfile } from './cli/profile.js';
 import { registerServe } from './cli/serve.js';
 import { registerVolume } from './cli/volume.js';
 import { registerWanem } from './cli/wanem.js';
@@ -30,6 +32,8 @@ registerWanem(program);
 registerPki(program);
 registerEdge(program);
 registerVolume(program);
+registerProfile(program);
+registerAnalyze(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`spillway: ${err instanceof Error ? err.message : String(err)}\n`);

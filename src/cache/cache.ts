@@ -588,6 +588,11 @@ export class SecureCache implements CacheGaugeSource {
     return this.invalSeq;
   }
 
+  /** Whether a fill with `token` would be refused now (the chunk was invalidated since). */
+  isStale(volume: string, index: number, token: number): boolean {
+    return this.tokenStale(volume, index, token);
+  }
+
   private tokenStale(volume: string, index: number, token: number | undefined): boolean {
     if (token === undefined) return false;
     if (token < this.invalFloor) return true;

@@ -7,6 +7,8 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { z } from 'zod';
 
+import { parseRate } from '../hydrate/hydrator.js';
+
 export class ConfigError extends Error {
   readonly code = 'SPW_ERR_CONFIG';
   constructor(message: string) {
@@ -77,6 +79,9 @@ const localVolume = z.strictObject({
   format: z.string().default('raw'),
   chunkSize: size.default(64 * 1024),
   family: name.optional(),
+  /** group push: when a chunk of a file is fetched, push the rest of the file, up to this many
+   *  bytes per file (0 turns it off). */
+  groupPush: size.default(4 * 1024 * 1024),
 });
 
 const policy = z.enum(['remote-only', 'origin', 'write-through']);
@@ -97,6 +102,40 @@ const remoteVolume = z.strictObject({
   shipAt: size.default(64 * 1024 * 1024),
   epochMax: size.default(64 * 1024 * 1024),
   onJournalCorruption: z.enum(['refuse', 'discard-tail']).default('refuse'),
+  /** stream a plan made from recorded profiles into the cache as soon as the volume opens. */
+  prefetch: z
+    .strictObject({
+      profiles: z.array(name).default([]),
+      /** also merge every profile of the volume's family (other instances of the same base). */
+      hotspots: z.boolean().default(false),
+      /** bytes of cache the plan may fill (default: half the cache). */
+      budget: size.optional(),
+    })
+    .optional(),
+  /** record a profile of this volume's reads from its first read, saved when reads go idle. */
+  record: z.strictObject({ name, idle: duration.default(15_000), for: duration.optional() }).optional(),
+  /** migration mode: copy every chunk into a volume file at this site, in the background. */
+  hydrate: z
+    .strictObject({
+      path: z.string(),
+      /** link bandwidth hydration may use: bytes/s or e.g. "50Mbit" (0 = whatever is free). */
+      rate: z
+        .union([z.number().nonnegative(), z.string()])
+        .default(0)
+        .transform((v, ctx) => {
+          try {
+            return parseRate(v);
+          } catch (e) {
+            ctx.addIssue({ code: 'custom', message: (e as Error).message });
+            return z.NEVER;
+          }
+        }),
+      /** most chunks of hydration in flight (the background gate may allow fewer). */
+      inFlight: z.number().int().min(1).max(256).default(8),
+      /** start copying at once (else: paused until `spillway volume hydrate NAME --resume`). */
+      start: z.boolean().default(true),
+    })
+    .optional(),
 });
 
 export const edgeConfigSchema = z.strictObject({
@@ -159,6 +198,7 @@ export function parseEdgeConfig(text: string, baseDir: string, source = 'config'
   c.tls = { ca: abs(c.tls.ca), cert: abs(c.tls.cert), key: abs(c.tls.key) };
   if (c.cache) c.cache.dir = abs(c.cache.dir);
   if (c.nbd.socket) c.nbd.socket = abs(c.nbd.socket);
+  for (const v of c.volumes) if (isRemoteVolume(v) && v.hydrate) v.hydrate.path = abs(v.hydrate.path);
   if (c.nbd.tls) c.nbd.tls = { cert: abs(c.nbd.tls.cert), key: abs(c.nbd.tls.key), ca: c.nbd.tls.ca ? abs(c.nbd.tls.ca) : undefined };
   const peers = new Set(c.peers.map((p) => p.name));
   const seen = new Set<string>();

@@ -23,6 +23,17 @@ import type { Logger } from '../log/logger.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/http.js';
 import { NbdServer } from '../nbd/server.js';
 import { readPartitionTable, swapRanges } from '../prefetch/partitions.js';
+import { buildFileMap } from '../prefetch/analyze.js';
+import type { FileMap } from '../prefetch/file-map.js';
+import { FileGroups } from '../prefetch/groups.js';
+import { planPrefetch } from '../prefetch/planner.js';
+import { checkName, ProfileError, ProfileRecorder, ProfileStore, summarize, type Profile, type ProfileSummary } from '../prefetch/profile.js';
+import { ReadTap } from '../prefetch/tap.js';
+import { HydratedDevice, readHydrationState, type ChunkSource } from '../hydrate/hydrated-device.js';
+import { Hydrator, type HydrationStatus } from '../hydrate/hydrator.js';
+import { BackgroundGate, type BackgroundGateStatus } from './remote/background.js';
+import { KeyStore } from './remote/key-store.js';
+import { Prefetcher, type PrefetchStatus } from './remote/prefetcher.js';
 import { WriteBackDevice } from '../writeback/device.js';
 import { Journal } from '../writeback/journal.js';
 import { PolicyMap, type PolicyRange } from '../writeback/policy.js';
@@ -40,9 +51,19 @@ import { StreamedDevice } from './remote/streamed-device.js';
 export interface EdgeStatus {
   site: string;
   name: string;
-  local: Array<{ volume: string; size: number; chunks: number; zeroChunks: number }>;
-  remote: Array<{ volume: string; peer: string; ready: boolean; size?: number; error?: string; writes?: VolumeWriteStatus }>;
-  peers: Array<{ name: string; connected: boolean; connections: number; reconnects: number; lastError: string }>;
+  local: Array<{ volume: string; size: number; chunks: number; zeroChunks: number; groupPush: { state: string; files?: number; error?: string } }>;
+  remote: Array<{
+    volume: string;
+    peer: string;
+    ready: boolean;
+    size?: number;
+    error?: string;
+    writes?: VolumeWriteStatus;
+    recording?: RecordingStatus;
+    prefetch?: PrefetchStatus;
+    hydration?: HydrationStatus;
+  }>;
+  peers: Array<{ name: string; connected: boolean; connections: number; reconnects: number; lastError: string; background?: BackgroundGateStatus }>;
 }
 
 /** A device lent to a layer that closes what it wraps: close() leaves it open. */
@@ -80,10 +101,36 @@ export interface VolumeWriteStatus {
   lastError: string;
 }
 
+export interface RecordingStatus {
+  name: string;
+  startedAt: string;
+  chunks: number;
+  uniqueBytes: number;
+  reads: number;
+  /** ms since the last new chunk was read (null before the first). */
+  idleMs: number | null;
+}
+
+interface Recording {
+  recorder: ProfileRecorder;
+  startedAt: Date;
+  unlisten: () => void;
+  timer: NodeJS.Timeout;
+}
+
 interface RemoteEntry {
   entry: RemoteVolumeEntry;
   volume: RemoteVolume;
   device?: BlockDevice;
+  /** the base image as the guest sees it, below the overlay (streamed, or hydrated). */
+  base?: BlockDevice;
+  tap?: ReadTap;
+  recording?: Recording;
+  prefetcher?: Prefetcher;
+  prefetchUnlisten?: () => void;
+  hydrated?: HydratedDevice;
+  hydrator?: Hydrator;
+  fileMap?: Promise<FileMap>;
   error?: string;
   writeback?: WriteBackDevice;
   shipper?: Shipper;
@@ -105,6 +152,12 @@ export class Edge {
   private nbd: NbdServer | null = null;
   private metrics: MetricsServer | null = null;
   private material: LinkTlsMaterial | null = null;
+  /** group push: chunk groups (files) of the volumes this edge owns, once mapped. */
+  private readonly groups = new Map<string, { state: string; files?: number; error?: string; groups?: FileGroups }>();
+  private profiles: ProfileStore | null = null;
+  private keyStore: KeyStore | null = null;
+  /** background fetches (prefetch, hydration) per peer. */
+  private readonly gates = new Map<string, BackgroundGate>();
 
   private constructor(
     readonly config: EdgeConfig,
@@ -138,7 +191,12 @@ export class Edge {
       if (isRemoteVolume(v)) continue;
       this.localVolumes.set(v.name, await LocalVolume.open({ name: v.name, source: v.source, format: v.format, chunkSize: v.chunkSize, family: v.family }, { stateDir: c.state, log: this.log.child('local') }));
     }
-    this.chunkServer = new ChunkServer({ volumes: this.localVolumes, rateBytes: (c.link.rateMbit * 1e6) / 8, log: this.log.child('local') });
+    this.chunkServer = new ChunkServer({ volumes: this.localVolumes, rateBytes: (c.link.rateMbit * 1e6) / 8, groups: (name) => this.groups.get(name)?.groups ?? null, log: this.log.child('local') });
+    for (const v of c.volumes) {
+      if (isRemoteVolume(v)) continue;
+      if (v.groupPush > 0) void this.mapFiles(v.name, v.groupPush);
+      else this.groups.set(v.name, { state: 'off' });
+    }
     // Write-back: each owned volume applies the epochs a remote edge ships (recovering first).
     for (const [name, v] of this.localVolumes) {
       const handle = this.chunkServer.handleOf(name)!;
@@ -150,6 +208,8 @@ export class Edge {
     const remote = c.volumes.filter(isRemoteVolume);
     if (remote.length > 0) {
       this.cache = await SecureCache.open({ dir: c.cache!.dir, maxBytes: c.cache!.size });
+      this.profiles = new ProfileStore(path.join(c.state, 'profiles'));
+      this.keyStore = new KeyStore(path.join(c.state, 'volume-keys'), this.material.key, this.name);
       this.nbd = new NbdServer({
         exports: [],
         tls: c.nbd.tls ? { cert: readFileSync(c.nbd.tls.cert), key: readFileSync(c.nbd.tls.key), ca: c.nbd.tls.ca ? readFileSync(c.nbd.tls.ca) : undefined } : undefined,
@@ -157,7 +217,13 @@ export class Edge {
       });
       for (const v of remote) {
         const peer = this.peerClient(v.peer);
-        const volume = new RemoteVolume(v.volume ?? v.name, peer, this.cache, { ioTimeoutMs: v.ioTimeout, log: this.log.child('remote') });
+        const keyStore = this.keyStore;
+        const volume = new RemoteVolume(v.volume ?? v.name, peer, this.cache, {
+          ioTimeoutMs: v.ioTimeout,
+          log: this.log.child('remote'),
+          // A hydrated volume keeps its key (sealed) so that it can be served with the origin gone.
+          onOpened: v.hydrate ? (info, key) => void keyStore.save(v.name, info, key).catch((err: Error) => this.log('error', 'cannot keep the volume key for offline serving', { volume: v.name, err: err.message })) : undefined,
+        });
         this.remoteVolumes.set(v.name, { entry: v, volume });
       }
       for (const p of this.peers.values()) p.start();
@@ -182,7 +248,8 @@ export class Edge {
   private async exportWhenOpen(name: string, r: RemoteEntry): Promise<void> {
     for (;;) {
       try {
-        await r.volume.open();
+        if (!r.volume.info && r.entry.hydrate) await this.openHydratedOffline(name, r);
+        if (!r.volume.info) await r.volume.open();
         await this.buildStack(name, r);
         break;
       } catch (err) {
@@ -200,16 +267,277 @@ export class Edge {
     }
     r.error = undefined;
     const dev = r.device!;
+    // Background work starts with the export: recording sees the guest's first read, and the
+    // plan races the guest's demand for the same chunks.
+    if (r.entry.record) {
+      try {
+        this.startRecording(name, { name: r.entry.record.name, idleMs: r.entry.record.idle, forMs: r.entry.record.for });
+      } catch (err) {
+        this.log('error', 'cannot record a profile', { volume: name, err: (err as Error).message });
+      }
+    }
+    if (r.entry.prefetch) void this.startPrefetch(name, r).catch((err: Error) => this.log('error', 'prefetch plan not started', { volume: name, err: err.message }));
+    if (r.hydrator && r.entry.hydrate?.start !== false) r.hydrator.start();
     this.nbd?.addExport({ name, device: dev, description: `${r.entry.volume ?? name} from ${r.entry.peer}` });
     this.log('info', 'volume exported', { volume: name, size: dev.size, stack: dev.description });
+  }
+
+  /** A completely hydrated volume opens from its own file and the kept key, origin or not. */
+  private async openHydratedOffline(name: string, r: RemoteEntry): Promise<void> {
+    const st = await readHydrationState(r.entry.hydrate!.path);
+    if (!st?.complete) return;
+    const kept = this.keyStore!.load(name);
+    if (!kept) return;
+    r.volume.openOffline(kept.info, kept.dataKey);
+    this.log('info', 'hydrated volume opens without the origin (its key was kept sealed at this edge)', { volume: name, completedAt: st.completedAt });
+  }
+
+  private gateFor(peer: string): BackgroundGate {
+    let g = this.gates.get(peer);
+    if (!g) this.gates.set(peer, (g = new BackgroundGate()));
+    return g;
+  }
+
+  /** Whole chunks for the hydrator: from the cache when there, else over the link, gated. */
+  private hydrationSource(r: RemoteEntry): ChunkSource {
+    const v = r.volume;
+    const gate = this.gateFor(r.entry.peer);
+    return {
+      chunkCount: v.chunkCount,
+      chunkLength: (i) => v.chunkLength(i),
+      fetch: async (i, priority) => {
+        const hit = await this.cache!.get(v.name, i);
+        if (hit !== null) return hit;
+        return gate.run(priority, () => v.fetch(i, priority));
+      },
+    };
+  }
+
+  /** The owned volume's files, for group push (ext filesystems; others get no groups). */
+  private async mapFiles(name: string, capBytes: number): Promise<void> {
+    const v = this.localVolumes.get(name);
+    if (!v) return;
+    this.groups.set(name, { state: 'mapping' });
+    const started = Date.now();
+    try {
+      const map = await buildFileMap(async (off, len) => {
+        const b = Buffer.alloc(len);
+        await v.device.read(off, b);
+        return b;
+      }, v.size);
+      this.groups.set(name, { state: 'ready', files: map.files.length, groups: new FileGroups(map, v.chunkSize, capBytes) });
+      this.log('info', 'file map ready for group push', { volume: name, files: map.files.length, ms: Date.now() - started });
+    } catch (err) {
+      this.groups.set(name, { state: 'unavailable', error: (err as Error).message });
+      this.log('info', 'no file map for group push (no ext filesystem found)', { volume: name, err: (err as Error).message });
+    }
+  }
+
+  // ------------------------------------------------------------------ profiles and prefetch
+
+  private remote(volume: string): RemoteEntry {
+    const r = this.remoteVolumes.get(volume);
+    if (!r) throw new EdgeRequestError(404, `this edge serves no volume named "${volume}" from a peer`);
+    return r;
+  }
+
+  private profileStore(): ProfileStore {
+    if (!this.profiles) throw new EdgeRequestError(409, 'this edge serves no volume from a peer, so it keeps no profiles');
+    return this.profiles;
+  }
+
+  /** Record the order in which the guest reads the base image of `volume`. */
+  startRecording(volume: string, o: { name: string; forMs?: number; idleMs?: number }): RecordingStatus {
+    const r = this.remote(volume);
+    if (!r.tap || !r.volume.info) throw new EdgeRequestError(409, `volume ${volume} is not open yet${r.error ? `: ${r.error}` : ''}`);
+    if (r.recording) throw new EdgeRequestError(409, `volume ${volume} is already recording profile "${r.recording.recorder.name}"; stop it first (spillway profile stop ${volume})`);
+    try {
+      checkName('profile name', o.name);
+    } catch (err) {
+      throw new EdgeRequestError(400, (err as Error).message);
+    }
+    const info = r.volume.info;
+    const recorder = new ProfileRecorder({ name: o.name, volume: info.name, family: info.family, chunkSize: info.chunkSize, size: info.size });
+    const unlisten = r.tap.listen((off, len) => recorder.touch(off, len));
+    const idleMs = o.idleMs ?? 15_000;
+    // the recorder's clock: monotonic, in epoch milliseconds
+    const clock = () => performance.timeOrigin + performance.now();
+    const started = clock();
+    const timer = setInterval(() => {
+      const now = clock();
+      const idle = recorder.lastTouchAt !== undefined && now - recorder.lastTouchAt > idleMs;
+      if ((o.forMs !== undefined && now - started > o.forMs) || idle) {
+        this.stopRecording(volume).catch((err: Error) => this.log('error', 'saving the profile failed', { volume, err: err.message }));
+      }
+    }, Math.min(500, Math.max(50, idleMs / 4)));
+    timer.unref();
+    r.recording = { recorder, startedAt: new Date(), unlisten, timer };
+    this.log('info', 'recording a profile', { volume, profile: o.name, idleMs, forMs: o.forMs });
+    return this.recordingStatus(r.recording);
+  }
+
+  /** Stop recording and save the profile. */
+  async stopRecording(volume: string): Promise<ProfileSummary> {
+    const r = this.remote(volume);
+    const rec = r.recording;
+    if (!rec) throw new EdgeRequestError(409, `volume ${volume} is not recording a profile`);
+    r.recording = undefined;
+    clearInterval(rec.timer);
+    rec.unlisten();
+    const profile = rec.recorder.toProfile();
+    await this.profileStore().save(profile);
+    const summary = summarize(profile);
+    this.log('info', 'profile saved', { ...summary, export: volume });
+    return summary;
+  }
+
+  private recordingStatus(rec: Recording): RecordingStatus {
+    const r = rec.recorder;
+    return { name: r.name, startedAt: rec.startedAt.toISOString(), chunks: r.chunks, uniqueBytes: r.uniqueBytes, reads: r.reads, idleMs: r.lastTouchAt === undefined ? null : Math.round(performance.timeOrigin + performance.now() - r.lastTouchAt) };
+  }
+
+  async listProfiles(): Promise<ProfileSummary[]> {
+    return this.profileStore().list((name, err) => this.log('warn', 'unreadable profile skipped', { profile: name, err: err.message }));
+  }
+
+  async getProfile(name: string, withFiles: boolean): Promise<{ profile: Profile; files?: Array<{ t: number; path: string; offset: number; length: number }> }> {
+    const profile = await this.loadProfile(name);
+    if (!withFiles) return { profile };
+    const r = [...this.remoteVolumes.values()].find((x) => x.volume.info?.name === profile.volume && x.base);
+    if (!r) throw new EdgeRequestError(409, `no open volume here is "${profile.volume}", so its files cannot be mapped; open it, or use --ranges`);
+    r.fileMap ??= buildFileMap(async (off, len) => {
+      const b = Buffer.alloc(len);
+      await r.base!.read(off, b);
+      return b;
+    }, r.base!.size);
+    let map: FileMap;
+    try {
+      map = await r.fileMap;
+    } catch (err) {
+      r.fileMap = undefined;
+      throw new EdgeRequestError(422, `cannot map the files of ${profile.volume}: ${(err as Error).message}`);
+    }
+    const files: Array<{ t: number; path: string; offset: number; length: number }> = [];
+    for (const e of profile.entries) {
+      const offset = e.start * profile.chunkSize;
+      const length = Math.min(e.count * profile.chunkSize, profile.size - offset);
+      const hits = map.filesIn(offset, length);
+      if (hits.length === 0) files.push({ t: e.t, path: '(metadata)', offset, length });
+      for (const f of hits) {
+        for (const x of f.extents) {
+          const from = Math.max(offset, x.offset);
+          const to = Math.min(offset + length, x.offset + x.length);
+          if (from < to) files.push({ t: e.t, path: f.path, offset: from, length: to - from });
+        }
+      }
+    }
+    return { profile, files };
+  }
+
+  async deleteProfile(name: string): Promise<void> {
+    await this.loadProfile(name);
+    await this.profileStore().delete(name);
+  }
+
+  private async loadProfile(name: string): Promise<Profile> {
+    try {
+      return await this.profileStore().load(name);
+    } catch (err) {
+      if (err instanceof ProfileError) throw new EdgeRequestError(/no profile named/.test(err.message) ? 404 : 422, err.message);
+      throw err;
+    }
+  }
+
+  /** Start (or restart) a prefetch plan while the volume runs (warming the cache). */
+  async prefetch(volume: string, cfg: { profiles: string[]; hotspots?: boolean; budget?: number }): Promise<PrefetchStatus> {
+    const r = this.remote(volume);
+    if (!r.tap || !r.volume.info) throw new EdgeRequestError(409, `volume ${volume} is not open yet${r.error ? `: ${r.error}` : ''}`);
+    for (const p of cfg.profiles) await this.loadProfile(p);
+    r.prefetcher?.stop();
+    await this.startPrefetch(volume, r, { profiles: cfg.profiles, hotspots: cfg.hotspots ?? false, budget: cfg.budget });
+    if (!r.prefetcher) throw new EdgeRequestError(422, 'no usable profile (their chunk size differs from the volume\'s)');
+    return r.prefetcher.status();
+  }
+
+  /** Plan from the configured profiles (and hot spots) and stream it into the cache. */
+  private async startPrefetch(name: string, r: RemoteEntry, given?: { profiles: string[]; hotspots: boolean; budget?: number }): Promise<void> {
+    const cfg = given ?? r.entry.prefetch!;
+    const info = r.volume.info!;
+    const store = this.profileStore();
+    const profiles: Profile[] = [];
+    for (const p of cfg.profiles) {
+      try {
+        profiles.push(await store.load(p));
+      } catch (err) {
+        this.log('warn', 'profile not used for prefetch', { volume: name, profile: p, err: (err as Error).message });
+      }
+    }
+    if (cfg.hotspots) {
+      const have = new Set(profiles.map((p) => p.name));
+      for (const p of await store.forFamily(info.family)) if (!have.has(p.name)) profiles.push(p);
+    }
+    const usable = profiles.filter((p) => p.chunkSize === info.chunkSize);
+    if (usable.length < profiles.length) this.log('warn', 'profiles with another chunk size left out of the plan', { volume: name, left: profiles.length - usable.length });
+    if (usable.length === 0) {
+      this.log('warn', 'no profile to prefetch from', { volume: name, profiles: cfg.profiles, hotspots: cfg.hotspots });
+      return;
+    }
+    const budget = cfg.budget ?? Math.floor(this.config.cache!.size / 2);
+    const plan = planPrefetch({
+      chunkSize: info.chunkSize,
+      chunkCount: r.volume.chunkCount,
+      profiles: usable,
+      budgetBytes: budget,
+      chunkBytes: (i) => r.volume.chunkLength(i),
+      skip: (i) => this.cache!.lookup(r.volume.name, i) !== null || (r.hydrated?.has(i) ?? false),
+    });
+    r.prefetchUnlisten?.();
+    const prefetcher = new Prefetcher({ volume: r.volume, exportName: name, cache: this.cache!, gate: this.gateFor(r.entry.peer), plan: plan.chunks, sources: usable.map((p) => p.name), log: this.log.child('prefetch') });
+    r.prefetcher = prefetcher;
+    r.prefetchUnlisten = r.tap!.listen((off, len) => prefetcher.noteRead(off, len));
+    prefetcher.start();
+    this.log('info', 'prefetch plan started', { volume: name, profiles: usable.map((p) => p.name), chunks: plan.chunks.length, bytes: plan.bytes, truncatedByBudget: plan.truncated, budget });
+  }
+
+  /** Pause or resume hydration, or change its rate. */
+  hydrate(volume: string, o: { action?: 'pause' | 'resume'; rate?: number | string }): HydrationStatus {
+    const r = this.remote(volume);
+    if (!r.entry.hydrate) throw new EdgeRequestError(409, `volume ${volume} is not in migration mode (no hydrate: section in its configuration)`);
+    if (!r.hydrator) throw new EdgeRequestError(409, `volume ${volume} is not open yet${r.error ? `: ${r.error}` : ''}`);
+    if (o.rate !== undefined) {
+      try {
+        r.hydrator.setRate(o.rate);
+      } catch (err) {
+        throw new EdgeRequestError(400, (err as Error).message);
+      }
+    }
+    if (o.action === 'pause') r.hydrator.pause();
+    else if (o.action === 'resume') {
+      if (r.hydrator.status().state === 'stopped') r.hydrator.start();
+      else r.hydrator.resume();
+    }
+    return r.hydrator.status();
   }
 
   /** streamed → overlay → write-back (journal + shipper) → stats, per the volume's policy. */
   private async buildStack(name: string, r: RemoteEntry): Promise<void> {
     const e = r.entry;
+    const info = r.volume.info!;
     const streamed = new StreamedDevice(r.volume, this.cache!, { readAheadMax: e.readAhead });
+    // The layers below the overlay get the read path on loan: if building the rest fails, the
+    // open is retried with the same RemoteVolume, so closing them must not close it (stop() does).
+    let base: BlockDevice = new Borrowed(streamed);
+    if (e.hydrate) {
+      const hydrated = await HydratedDevice.open({ path: e.hydrate.path, inner: base, source: this.hydrationSource(r), chunkSize: info.chunkSize, family: info.family, name, log: this.log.child('hydrate') });
+      r.hydrated = hydrated;
+      r.hydrator = new Hydrator(hydrated, { rate: e.hydrate.rate, inFlight: e.hydrate.inFlight, log: this.log.child('hydrate') });
+      base = hydrated;
+    }
+    r.base = base;
+    const tap = new ReadTap(base);
+    r.tap = tap;
     if (e.writes === 'read-only') {
-      r.device = new StatsDevice(streamed, { exportName: name });
+      r.device = new StatsDevice(tap, { exportName: name });
       return;
     }
     const dir = path.join(this.config.state, 'overlays');
@@ -217,9 +545,13 @@ export class Edge {
     const overlayPath = path.join(dir, `${name}.overlay`);
     // 4 KiB granules: a guest's aligned write never has to fetch the rest of a chunk first.
     // An overlay made by an earlier version keeps the granularity its bitmap records.
-    // The overlay gets the read path on loan: if building the rest fails, the open is retried
-    // with the same RemoteVolume, so closing the overlay must not close it (stop() does).
-    const overlay = await OverlayDevice.open(new Borrowed(streamed), { path: overlayPath, granularity: existsSync(overlayPath) ? undefined : 4096 });
+    let overlay: OverlayDevice;
+    try {
+      overlay = await OverlayDevice.open(tap, { path: overlayPath, granularity: existsSync(overlayPath) ? undefined : 4096 });
+    } catch (err) {
+      await tap.close().catch(() => undefined);
+      throw err;
+    }
     let journal: Journal | null = null;
     try {
       const ranges: PolicyRange[] = [];
@@ -388,9 +720,22 @@ export class Edge {
     return {
       site: this.config.site,
       name: this.name,
-      local: [...this.localVolumes.values()].map((v) => ({ volume: v.name, size: v.size, chunks: v.chunkCount, zeroChunks: v.zeroChunks })),
-      remote: [...this.remoteVolumes.entries()].map(([name, r]) => ({ volume: name, peer: r.entry.peer, ready: !!r.device, size: r.device?.size, error: r.error, writes: this.writeStatus(r) })),
-      peers: [...this.peers.values()].map((p) => ({ name: p.opts.name, connected: p.connected, connections: p.connectionCount, reconnects: p.reconnects, lastError: p.lastErrorMessage })),
+      local: [...this.localVolumes.values()].map((v) => {
+        const g = this.groups.get(v.name);
+        return { volume: v.name, size: v.size, chunks: v.chunkCount, zeroChunks: v.zeroChunks, groupPush: { state: g?.state ?? 'off', files: g?.files, error: g?.error } };
+      }),
+      remote: [...this.remoteVolumes.entries()].map(([name, r]) => ({
+        volume: name,
+        peer: r.entry.peer,
+        ready: !!r.device,
+        size: r.device?.size,
+        error: r.error,
+        writes: this.writeStatus(r),
+        recording: r.recording ? this.recordingStatus(r.recording) : undefined,
+        prefetch: r.prefetcher?.status(),
+        hydration: r.hydrator?.status(),
+      })),
+      peers: [...this.peers.values()].map((p) => ({ name: p.opts.name, connected: p.connected, connections: p.connectionCount, reconnects: p.reconnects, lastError: p.lastErrorMessage, background: this.gates.get(p.opts.name)?.status() })),
     };
   }
 
@@ -400,7 +745,10 @@ export class Edge {
     const nbd = this.nbd;
     this.nbd = null;
     await nbd?.close();
-    for (const r of this.remoteVolumes.values()) {
+    for (const [name, r] of this.remoteVolumes) {
+      r.prefetcher?.stop();
+      if (r.recording) await this.stopRecording(name).catch((err: Error) => this.log('warn', 'profile not saved at shutdown', { volume: name, err: err.message }));
+      await r.hydrator?.stop().catch(() => undefined);
       await r.shipper?.stop();
       await r.device?.close().catch(() => undefined); // seals what the guest wrote
       await r.journal?.close().catch(() => undefined);

@@ -39,10 +39,13 @@ export type LinkMessage =
   | { type: 'error'; reqId: number; code: number; message: string }
   | { type: 'open'; reqId: number; volume: string }
   | { type: 'opened'; reqId: number; volume: string; handle: number; size: number; chunkSize: number; family: string; dataKey: Buffer }
-  | { type: 'fetch'; handle: number; priority: Priority; ranges: ChunkRange[] }
-  | { type: 'chunk'; handle: number; index: number; priority: Priority; pushed: boolean; codec: number; rawLength: number; signature: Buffer; payload: Buffer }
-  | { type: 'chunk-sig'; handle: number; index: number; priority: Priority; pushed: boolean; rawLength: number; signature: Buffer }
-  | { type: 'chunk-zero'; handle: number; index: number; priority: Priority; pushed: boolean }
+  // `token` of FETCH: the requester's cache fill token when it asked (see cache.fillToken). A
+  // chunk the owner pushes because of that request carries it back (I5: a pushed chunk read
+  // before an invalidation the requester made later is never cached). 0 in answers to a request.
+  | { type: 'fetch'; handle: number; priority: Priority; token: number; ranges: ChunkRange[] }
+  | { type: 'chunk'; handle: number; index: number; priority: Priority; pushed: boolean; token: number; codec: number; rawLength: number; signature: Buffer; payload: Buffer }
+  | { type: 'chunk-sig'; handle: number; index: number; priority: Priority; pushed: boolean; token: number; rawLength: number; signature: Buffer }
+  | { type: 'chunk-zero'; handle: number; index: number; priority: Priority; pushed: boolean; token: number }
   | { type: 'need-data'; handle: number; index: number; priority: Priority }
   | { type: 'cancel'; handle: number; priority: Priority; ranges: ChunkRange[] }
   | { type: 'credit'; bytes: number }
@@ -67,7 +70,7 @@ export function isCredited(msg: LinkMessage): boolean {
   return msg.type === 'chunk' || msg.type === 'epoch-data';
 }
 export function creditCost(msg: LinkMessage): number {
-  if (msg.type === 'chunk') return FRAME_HEADER_SIZE + 56 + msg.payload.length;
+  if (msg.type === 'chunk') return FRAME_HEADER_SIZE + 64 + msg.payload.length;
   if (msg.type === 'epoch-data') return FRAME_HEADER_SIZE + 24 + msg.payload.length;
   return 0;
 }
@@ -146,15 +149,15 @@ export function encodeMessage(m: LinkMessage): Buffer {
       if (m.dataKey.length !== DATA_KEY_SIZE) throw new LinkProtocolError('SPW_ERR_LINK_PROTOCOL', 'data key must be 32 bytes');
       return w.u32(m.reqId).str(m.volume).u32(m.handle).u64(m.size).u32(m.chunkSize).str(m.family).bytes(m.dataKey).frame(MSG.OPENED);
     case 'fetch':
-      return w.u32(m.handle).u8(m.priority).ranges(m.ranges).frame(MSG.FETCH);
+      return w.u32(m.handle).u8(m.priority).u64(m.token).ranges(m.ranges).frame(MSG.FETCH);
     case 'chunk':
       checkSig(m.signature);
-      return w.u32(m.handle).u64(m.index).u8(m.priority).u8(m.codec).u32(m.rawLength).bytes(m.signature).bytes(m.payload).frame(MSG.CHUNK, m.pushed ? FLAG_PUSHED : 0);
+      return w.u32(m.handle).u64(m.index).u8(m.priority).u64(m.token).u8(m.codec).u32(m.rawLength).bytes(m.signature).bytes(m.payload).frame(MSG.CHUNK, m.pushed ? FLAG_PUSHED : 0);
     case 'chunk-sig':
       checkSig(m.signature);
-      return w.u32(m.handle).u64(m.index).u8(m.priority).u32(m.rawLength).bytes(m.signature).frame(MSG.CHUNK_SIG, m.pushed ? FLAG_PUSHED : 0);
+      return w.u32(m.handle).u64(m.index).u8(m.priority).u64(m.token).u32(m.rawLength).bytes(m.signature).frame(MSG.CHUNK_SIG, m.pushed ? FLAG_PUSHED : 0);
     case 'chunk-zero':
-      return w.u32(m.handle).u64(m.index).u8(m.priority).frame(MSG.CHUNK_ZERO, m.pushed ? FLAG_PUSHED : 0);
+      return w.u32(m.handle).u64(m.index).u8(m.priority).u64(m.token).frame(MSG.CHUNK_ZERO, m.pushed ? FLAG_PUSHED : 0);
     case 'need-data':
       return w.u32(m.handle).u64(m.index).u8(m.priority).frame(MSG.NEED_DATA);
     case 'cancel':
@@ -320,7 +323,7 @@ export function decodePayload(type: number, flags: number, payload: Buffer): Lin
     }
     case MSG.FETCH: {
       const r = new Reader(payload, 'FETCH');
-      m = { type: 'fetch', handle: r.u32(), priority: r.priority(), ranges: r.ranges() };
+      m = { type: 'fetch', handle: r.u32(), priority: r.priority(), token: r.u64(), ranges: r.ranges() };
       r.done();
       return m;
     }
@@ -329,20 +332,21 @@ export function decodePayload(type: number, flags: number, payload: Buffer): Lin
       const handle = r.u32();
       const index = r.u64();
       const priority = r.priority();
+      const token = r.u64();
       const codec = r.u8();
       const rawLength = r.u32();
       const signature = r.bytes(SIGNATURE_SIZE);
-      return { type: 'chunk', handle, index, priority, pushed, codec, rawLength, signature, payload: r.rest() };
+      return { type: 'chunk', handle, index, priority, pushed, token, codec, rawLength, signature, payload: r.rest() };
     }
     case MSG.CHUNK_SIG: {
       const r = new Reader(payload, 'CHUNK_SIG');
-      m = { type: 'chunk-sig', handle: r.u32(), index: r.u64(), priority: r.priority(), pushed, rawLength: r.u32(), signature: r.bytes(SIGNATURE_SIZE) };
+      m = { type: 'chunk-sig', handle: r.u32(), index: r.u64(), priority: r.priority(), pushed, token: r.u64(), rawLength: r.u32(), signature: r.bytes(SIGNATURE_SIZE) };
       r.done();
       return m;
     }
     case MSG.CHUNK_ZERO: {
       const r = new Reader(payload, 'CHUNK_ZERO');
-      m = { type: 'chunk-zero', handle: r.u32(), index: r.u64(), priority: r.priority(), pushed };
+      m = { type: 'chunk-zero', handle: r.u32(), index: r.u64(), priority: r.priority(), pushed, token: r.u64() };
       r.done();
       return m;
     }

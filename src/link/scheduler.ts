@@ -10,6 +10,8 @@ export interface ChunkJob {
   priority: Priority;
   /** the chunk was not asked for (group push, prefetch, hydration pushes). */
   pushed: boolean;
+  /** for a push: the fill token of the request that caused it (see LinkMessage 'fetch'). */
+  token?: number;
 }
 
 export class QueueFullError extends Error {
@@ -49,10 +51,16 @@ export class ChunkQueue {
     for (let p = 0; p < this.classes.length; p++) {
       const existing = this.classes[p]!.get(k);
       if (!existing) continue;
-      if (p <= job.priority) return false;
+      // Every request merged into one job arrived before the chunk is read, so the newest of
+      // their tokens is still older than that read.
+      const token = Math.max(existing.token ?? 0, job.token ?? 0);
+      if (p <= job.priority) {
+        existing.token = token;
+        return false;
+      }
       this.classes[p]!.delete(k);
       // An upgrade keeps "pushed" only if both were pushes: a demand request must be answered.
-      this.classes[job.priority]!.set(k, { ...job, pushed: existing.pushed && job.pushed });
+      this.classes[job.priority]!.set(k, { ...job, pushed: existing.pushed && job.pushed, token });
       return true;
     }
     const cls = this.classes[job.priority]!;

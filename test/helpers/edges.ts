@@ -5,6 +5,7 @@
 
 import { writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 
 import { CLI, freePort, run, startProc, waitForProc, type Proc } from './proc.js';
@@ -59,6 +60,10 @@ export interface TwoSitesOptions {
   cloudVolume?: string;
   /** YAML appended to the cloud edge's file (top-level keys it does not set yet). */
   cloudExtra?: string;
+  /** keys added to the on-prem edge's volume entry, in flow style ("groupPush: 0"). */
+  onpremVolume?: string;
+  /** YAML appended to the on-prem edge's file (e.g. "metrics: { listen: … }"). */
+  onpremExtra?: string;
   /** environment of the edge processes; default: this process's. */
   env?: { onprem?: NodeJS.ProcessEnv; cloud?: NodeJS.ProcessEnv };
   /**
@@ -85,8 +90,8 @@ state: ${dir}/state-onprem
 tls: { ca: ${pki}/ca.pem, cert: ${pki}/onprem.pem, key: ${pki}/onprem.key }
 link: { listen: "127.0.0.1:${linkPort}" }
 volumes:
-  - { name: ${volume}, source: ${image} }
-`,
+  - { name: ${volume}, source: ${image}${o.onpremVolume ? `, ${o.onpremVolume}` : ''} }
+${o.onpremExtra ?? ''}`,
   );
   await writeFile(
     cloudYaml,
@@ -180,4 +185,35 @@ export async function metric(url: string, name: string, labels: Record<string, s
     if (Object.entries(labels).every(([k, v]) => ls.includes(`${k}="${v}"`))) sum += Number(m[3]);
   }
   return sum;
+}
+
+/** Call an edge's control socket (STATE/control.sock) and parse its JSON answer. */
+export function controlCall<T = unknown>(stateDir: string, method: string, url: string, body?: unknown): Promise<{ status: number; body: T }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ socketPath: path.join(stateDir, 'control.sock'), method, path: url, headers: { 'content-type': 'application/json' } }, (res) => {
+      let t = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (t += d));
+      res.on('end', () => {
+        try {
+          resolve({ status: res.statusCode ?? 0, body: JSON.parse(t) as T });
+        } catch (err) {
+          reject(err instanceof Error ? err : new Error(String(err)));
+        }
+      });
+    });
+    req.on('error', reject);
+    req.end(body === undefined ? undefined : JSON.stringify(body));
+  });
+}
+
+/** Poll `fn` every 250 ms until it gives a truthy value; fail after `timeoutMs`. */
+export async function until<T>(what: string, fn: () => Promise<T | undefined | false | null>, timeoutMs = 120_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
 }

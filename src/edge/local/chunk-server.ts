@@ -10,7 +10,7 @@ import { ChunkSigner } from '../../link/signature.js';
 import type { LinkConnection } from '../../link/connection.js';
 import type { LinkMessage } from '../../link/codec.js';
 import { encodeMessage, creditCost } from '../../link/codec.js';
-import { LINK_ERR, type Priority } from '../../link/protocol.js';
+import { LINK_ERR, PRIORITY, type Priority } from '../../link/protocol.js';
 import { ChunkQueue, QueueFullError, TokenBucket, type ChunkJob } from '../../link/scheduler.js';
 import type { Logger } from '../../log/logger.js';
 import type { LocalVolume } from './volume.js';
@@ -23,6 +23,8 @@ export interface ChunkServerOptions {
   rateBytes?: number;
   /** chunks read and encoded ahead of the sockets. */
   prepareAhead?: number;
+  /** per volume name: its chunk groups (files), for group push; absent = no group push. */
+  groups?: (volume: string) => ChunkGroups | null;
   /** signatures remembered per peer for signature-only answers. */
   rememberSignatures?: number;
   log: Logger;
@@ -41,6 +43,12 @@ interface VolumeEntry {
   signer: ChunkSigner;
 }
 
+/** Chunks that belong together (a file's chunks): asked for one, the owner pushes the rest. */
+export interface ChunkGroups {
+  /** the other chunks of the groups `index` belongs to, most useful first, already capped. */
+  groupOf(index: number): readonly number[];
+}
+
 /** All connections of one peer edge. */
 class PeerSession {
   readonly conns = new Set<LinkConnection>();
@@ -52,8 +60,26 @@ class PeerSession {
   readonly ready: Prepared[][] = [[], [], [], []];
   preparing = 0;
   pumping = false;
+  /** per volume handle: chunks answered or pushed in this session (never group-pushed again). */
+  readonly delivered = new Map<number, Uint8Array>();
+  /** lower-class frames sent so far, and the count when each waiting demand job was queued. */
+  backgroundSent = 0;
+  readonly demandQueuedAt = new Map<string, number>();
+  /** the most lower-class frames sent while one demand chunk waited (ordering check). */
+  maxOvertaken = 0;
 
   constructor(readonly peer: string) {}
+
+  wasDelivered(handle: number, index: number): boolean {
+    const b = this.delivered.get(handle);
+    return !!b && (b[index >> 3]! & (1 << (index & 7))) !== 0;
+  }
+
+  markDelivered(handle: number, index: number, chunkCount: number): void {
+    let b = this.delivered.get(handle);
+    if (!b) this.delivered.set(handle, (b = new Uint8Array(Math.ceil(chunkCount / 8))));
+    b[index >> 3] = b[index >> 3]! | (1 << (index & 7));
+  }
 }
 
 export class ChunkServer {
@@ -130,12 +156,28 @@ export class ChunkServer {
         }
         const ranges = msg.type === 'fetch' ? msg.ranges : [{ start: msg.index, count: 1 }];
         const n = entry.volume.chunkCount;
+        const groups = msg.type === 'fetch' && msg.priority === PRIORITY.DEMAND ? this.opts.groups?.(entry.volume.name) : null;
         try {
           for (const r of ranges) {
             const end = Math.min(r.start + r.count, n);
             for (let i = r.start; i < end; i++) {
               if (msg.type === 'need-data') session.forceData.add(`${msg.handle}:${i}`);
-              session.queue.push({ handle: msg.handle, index: i, priority: msg.priority, pushed: false });
+              if (session.queue.push({ handle: msg.handle, index: i, priority: msg.priority, pushed: false }) && msg.priority === PRIORITY.DEMAND) {
+                session.demandQueuedAt.set(`${msg.handle}:${i}`, session.backgroundSent);
+              }
+            }
+          }
+          // Group push: the rest of the files these chunks belong to, in the group class,
+          // carrying the request's fill token back (I5). Never what this session already sent.
+          if (groups && msg.type === 'fetch') {
+            for (const r of ranges) {
+              const end = Math.min(r.start + r.count, n);
+              for (let i = r.start; i < end; i++) {
+                for (const g of groups.groupOf(i)) {
+                  if (g < 0 || g >= n || session.wasDelivered(msg.handle, g)) continue;
+                  if (session.queue.push({ handle: msg.handle, index: g, priority: PRIORITY.GROUP, pushed: true, token: msg.token })) this.metrics.groupPushed.inc();
+                }
+              }
             }
           }
         } catch (err) {
@@ -172,7 +214,7 @@ export class ChunkServer {
 
   stats(): Record<string, unknown> {
     return {
-      peers: [...this.sessions.values()].map((s) => ({ peer: s.peer, connections: s.conns.size, queued: s.queue.size, signaturesRemembered: s.sent.size })),
+      peers: [...this.sessions.values()].map((s) => ({ peer: s.peer, connections: s.conns.size, queued: s.queue.size, signaturesRemembered: s.sent.size, maxOvertaken: s.maxOvertaken })),
     };
   }
 
@@ -214,6 +256,20 @@ export class ChunkServer {
         }
         s.ready[p.job.priority]!.shift();
         this.bucket.take(p.frame.length);
+        const key = `${p.job.handle}:${p.job.index}`;
+        if (p.job.priority === PRIORITY.DEMAND) {
+          const at = s.demandQueuedAt.get(key);
+          if (at !== undefined) {
+            s.demandQueuedAt.delete(key);
+            const overtaken = s.backgroundSent - at;
+            if (overtaken > s.maxOvertaken) s.maxOvertaken = overtaken;
+            this.metrics.overtaken.observe(overtaken);
+          }
+        } else {
+          s.backgroundSent++;
+        }
+        const entry = this.byHandle.get(p.job.handle);
+        if (entry) s.markDelivered(p.job.handle, p.job.index, entry.volume.chunkCount);
         if (p.cost > 0) conn.sendCredited(p.frame, p.cost);
         else conn.sendFrame(p.frame);
         this.metrics.chunks.inc({ kind: p.kind, class: p.job.priority });
@@ -248,7 +304,7 @@ export class ChunkServer {
     if (!entry) return null;
     const v = entry.volume;
     const raw = v.chunkLength(job.index);
-    const base = { handle: job.handle, index: job.index, priority: job.priority, pushed: job.pushed };
+    const base = { handle: job.handle, index: job.index, priority: job.priority, pushed: job.pushed, token: job.pushed ? (job.token ?? 0) : 0 };
     if (v.isZeroChunk(job.index)) return { job, kind: 'zero', raw, cost: 0, frame: encodeMessage({ type: 'chunk-zero', ...base }) };
     const data = await v.readChunk(job.index);
     if (isAllZero(data)) return { job, kind: 'zero', raw, cost: 0, frame: encodeMessage({ type: 'chunk-zero', ...base }) };

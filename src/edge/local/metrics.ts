@@ -6,6 +6,8 @@ export interface LocalMetrics {
   chunks: Counter<'kind' | 'class'>;
   bytes: Counter<'kind'>;
   rawBytes: Counter<string>;
+  groupPushed: Counter<string>;
+  overtaken: Histogram<string>;
 }
 
 let metrics: LocalMetrics | undefined;
@@ -15,6 +17,8 @@ export function localMetrics(): LocalMetrics {
     chunks: new Counter({ name: 'spillway_local_chunks_sent_total', help: 'Chunks sent to peers, by answer kind (data, sig, zero) and priority class (0 demand .. 3 hydration)', labelNames: ['kind', 'class'], registers: [registry] }),
     bytes: new Counter({ name: 'spillway_local_link_bytes_sent_total', help: 'Frame bytes of chunk answers sent to peers, by kind', labelNames: ['kind'], registers: [registry] }),
     rawBytes: new Counter({ name: 'spillway_local_chunk_raw_bytes_total', help: 'Uncompressed bytes of the chunks answered', registers: [registry] }),
+    groupPushed: new Counter({ name: 'spillway_local_group_pushed_total', help: 'Chunks queued unasked because another chunk of their file was fetched (group push)', registers: [registry] }),
+    overtaken: new Histogram({ name: 'spillway_local_demand_overtaken_frames', help: 'Lower-class chunk frames sent while one demand chunk waited to be sent (strict priority keeps this at most the chunks already prepared)', buckets: [0, 1, 2, 4, 8, 16, 64, 256], registers: [registry] }),
   };
   return metrics;
 }

@@ -12,6 +12,7 @@ export interface RemoteMetrics {
   timeouts: Counter<string>;
   corrupt: Counter<string>;
   resent: Counter<string>;
+  pushRefused: Counter<string>;
 }
 
 let metrics: RemoteMetrics | undefined;
@@ -25,6 +26,25 @@ export function remoteMetrics(): RemoteMetrics {
     timeouts: new Counter({ name: 'spillway_remote_fetch_timeouts_total', help: 'Reads failed because a chunk did not arrive within the I/O timeout', registers: [registry] }),
     corrupt: new Counter({ name: 'spillway_remote_chunks_corrupt_total', help: 'Chunks refused because they failed decompression or their signature', registers: [registry] }),
     resent: new Counter({ name: 'spillway_remote_fetches_resent_total', help: 'Fetches sent again after a reconnect', registers: [registry] }),
+    pushRefused: new Counter({ name: 'spillway_remote_pushes_refused_total', help: 'Pushed chunks dropped because a write to them was shipped after the request that caused the push (I5)', registers: [registry] }),
   };
   return metrics;
+}
+
+/** The prefetch plan's score per volume (prefetcher.ts). */
+export interface PrefetchMetrics {
+  fetched: Counter<'volume'>;
+  used: Counter<'volume'>;
+  late: Counter<'volume'>;
+}
+
+let prefetch: PrefetchMetrics | undefined;
+
+export function prefetchMetrics(): PrefetchMetrics {
+  prefetch ??= {
+    fetched: new Counter({ name: 'spillway_prefetch_chunks_fetched_total', help: 'Chunks a prefetch plan brought into the cache', labelNames: ['volume'], registers: [registry] }),
+    used: new Counter({ name: 'spillway_prefetch_chunks_used_total', help: 'Prefetched chunks the guest then read (hits of the plan)', labelNames: ['volume'], registers: [registry] }),
+    late: new Counter({ name: 'spillway_prefetch_chunks_late_total', help: 'Chunks of the plan the guest read while they were still on their way', labelNames: ['volume'], registers: [registry] }),
+  };
+  return prefetch;
 }

@@ -61,7 +61,7 @@ export class RemoteVolume {
     readonly name: string,
     private readonly peer: PeerClient,
     private readonly cache: SecureCache,
-    private readonly opts: { ioTimeoutMs: number; log: Logger },
+    private readonly opts: { ioTimeoutMs: number; log: Logger; onOpened?: (info: RemoteVolumeInfo, dataKey: Buffer) => void },
   ) {
     peer.on('connection', () => void this.onReconnect());
   }
@@ -84,21 +84,35 @@ export class RemoteVolume {
       if (this.info && (this.info.size !== info.size || this.info.chunkSize !== info.chunkSize || this.info.family !== info.family)) {
         throw new VolumeOpenError(`volume ${this.name} changed at the origin (size/chunk size/family); refusing to mix its data with the cached copy`);
       }
-      this.info = info;
-      try {
-        this.cache.setKey(info.family, m.dataKey);
-      } catch (err) {
-        if ((err as { code?: string }).code !== 'SPW_ERR_CACHE_KEY_MISMATCH') throw err;
-        // The origin's key is authoritative: it was rotated or re-created there, so what we
-        // cached under the old key is unreadable anyway. Drop it and start over.
-        this.opts.log('warn', 'the origin delivered a different data key for this family; dropping its cached content', { volume: this.name, family: info.family });
-        this.cache.setKey(info.family, m.dataKey, { replace: true });
-      }
-      this.cache.attachVolume(this.name, info.family);
-      this.dataKey = Buffer.from(m.dataKey);
-      this.signer = new ChunkSigner(deriveKeys(m.dataKey).signKey);
+      this.adopt(info, m.dataKey);
+      this.opts.onOpened?.(info, m.dataKey);
       return info;
     }
+  }
+
+  /**
+   * Serve without the origin: take geometry and data key kept from an earlier OPEN (a hydrated
+   * volume, see key-store.ts). A later reconnect opens for real and checks they still match.
+   */
+  openOffline(info: RemoteVolumeInfo, dataKey: Buffer): RemoteVolumeInfo {
+    this.adopt(info, dataKey);
+    return info;
+  }
+
+  private adopt(info: RemoteVolumeInfo, dataKey: Buffer): void {
+    this.info = info;
+    try {
+      this.cache.setKey(info.family, dataKey);
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'SPW_ERR_CACHE_KEY_MISMATCH') throw err;
+      // The origin's key is authoritative: it was rotated or re-created there, so what we
+      // cached under the old key is unreadable anyway. Drop it and start over.
+      this.opts.log('warn', 'the origin delivered a different data key for this family; dropping its cached content', { volume: this.name, family: info.family });
+      this.cache.setKey(info.family, dataKey, { replace: true });
+    }
+    this.cache.attachVolume(this.name, info.family);
+    this.dataKey = Buffer.from(dataKey);
+    this.signer = new ChunkSigner(deriveKeys(dataKey).signKey);
   }
 
   get chunkCount(): number {
@@ -172,9 +186,10 @@ export class RemoteVolume {
           this.peer.send({ type: 'need-data', handle: info.handle, index: msg.index, priority: msg.priority });
           return;
         }
-        const fill = this.fillOptions(msg.index);
-        if (fill) await this.cache.put(this.name, info.family, msg.index, Buffer.from(msg.signature), data, fill);
         this.metrics.received.inc({ kind: msg.pushed ? 'pushed' : 'data' });
+        const fill = this.fillOptions(msg);
+        if (fill === 'stale') return;
+        if (fill) await this.cache.put(this.name, info.family, msg.index, Buffer.from(msg.signature), data, fill);
         this.settle(msg.index, data);
         return;
       }
@@ -182,20 +197,23 @@ export class RemoteVolume {
         if (msg.handle !== info.handle || msg.index >= this.chunkCount) return;
         if (this.cache.hasContent(info.family, msg.signature)) {
           const data = await this.cache.getContent(info.family, msg.signature);
-          const fill = this.fillOptions(msg.index);
+          const fill = this.fillOptions(msg);
+          if (fill === 'stale') return;
           if (data && data.length === msg.rawLength && (!fill || (await this.cache.map(this.name, msg.index, Buffer.from(msg.signature), fill)))) {
             this.metrics.received.inc({ kind: 'signature' });
             this.settle(msg.index, data);
             return;
           }
         }
+        if (msg.pushed) return; // a push we cannot use; whoever needs the chunk asks for it
         this.peer.send({ type: 'need-data', handle: info.handle, index: msg.index, priority: msg.priority });
         return;
       }
       case 'chunk-zero':
         if (msg.handle !== info.handle || msg.index >= this.chunkCount) return;
         {
-          const fill = this.fillOptions(msg.index);
+          const fill = this.fillOptions(msg);
+          if (fill === 'stale') return;
           if (fill) await this.cache.putZero(this.name, msg.index, fill);
         }
         this.metrics.received.inc({ kind: 'zero' });
@@ -226,11 +244,23 @@ export class RemoteVolume {
     }
   }
 
-  /** Options for filling the cache with an answer for `index`, or null: don't cache it. */
-  private fillOptions(index: number): { fillToken?: number } | null {
-    if (this.noFill.has(index)) return null;
-    const p = this.pending.get(index);
-    return p ? { fillToken: p.token } : {};
+  /**
+   * How to fill the cache with an answer: with the fill token of our request; null when it
+   * must not be cached (a batch of writes to it is on its way, or nobody asked: a late
+   * duplicate answer); 'stale' for a push read before an invalidation we made since the
+   * request that caused it: neither cache it nor hand it to a reader (I5).
+   */
+  private fillOptions(msg: { index: number; pushed: boolean; token: number }): { fillToken: number } | null | 'stale' {
+    if (msg.pushed) {
+      if (this.noFill.has(msg.index) || this.cache.isStale(this.name, msg.index, msg.token)) {
+        this.metrics.pushRefused.inc();
+        return 'stale';
+      }
+      return { fillToken: msg.token };
+    }
+    if (this.noFill.has(msg.index)) return null;
+    const p = this.pending.get(msg.index);
+    return p ? { fillToken: p.token } : null;
   }
 
   close(): void {
@@ -257,7 +287,9 @@ export class RemoteVolume {
   private send(ranges: ChunkRange[], priority: Priority): void {
     if (!this.info) return;
     // When no connection is up, the request stays pending and goes out on reconnect.
-    for (let i = 0; i < ranges.length; i += 512) this.peer.send({ type: 'fetch', handle: this.info.handle, priority, ranges: ranges.slice(i, i + 512) });
+    // The token names "now" for pushes this request causes (see LinkMessage 'fetch').
+    const token = this.cache.fillToken(this.name, 0);
+    for (let i = 0; i < ranges.length; i += 512) this.peer.send({ type: 'fetch', handle: this.info.handle, priority, token, ranges: ranges.slice(i, i + 512) });
   }
 
   /** After a reconnect: make sure the volume is open, then ask again for everything pending. */
