@@ -102,17 +102,20 @@ describe('priority: demand reads under background load', { timeout: 600_000 }, (
       await until('background transfers to start', async () => (await bgBytes()) > 2 * MiB, 60_000);
       const bg0 = await bgBytes();
       const link0 = await sites.linkBytes();
+      const tl0 = performance.now();
       const t0 = performance.now();
       const loaded = await demandReads();
       const seconds = (performance.now() - t0) / 1000;
       const bg1 = await bgBytes();
       const link1 = await sites.linkBytes();
+      const linkSeconds = (performance.now() - tl0) / 1000;
       const st = (await controlCall<St>(cloudState, 'GET', '/v1/status')).body;
 
-      const util = ((link1 - link0) * 8) / (seconds * 20e6);
+      // the relay rewrites its stats every 500 ms: a rough figure, printed, never asserted
+      const util = ((link1 - link0) * 8) / (linkSeconds * 20e6);
       t.diagnostic(`demand 4 KiB read p99: idle ${p99(idle).toFixed(1)} ms, under load ${p99(loaded).toFixed(1)} ms (${(p99(loaded) / p99(idle)).toFixed(2)}x; target 1.5x)`);
       t.diagnostic(`medians: idle ${[...idle].sort((a, b) => a - b)[READS / 2]!.toFixed(1)} ms, loaded ${[...loaded].sort((a, b) => a - b)[READS / 2]!.toFixed(1)} ms`);
-      t.diagnostic(`during the loaded reads: background moved ${((bg1 - bg0) / MiB).toFixed(1)} MiB, the link carried ${((link1 - link0) / MiB).toFixed(1)} MiB in ${seconds.toFixed(1)} s (${(util * 100).toFixed(0)}% of 20 Mbit/s); background window ${JSON.stringify(st.peers[0]?.background)}`);
+      t.diagnostic(`during the loaded reads: background moved ${((bg1 - bg0) / MiB).toFixed(1)} MiB, the link carried ${((link1 - link0) / MiB).toFixed(1)} MiB in ${linkSeconds.toFixed(1)} s (about ${(util * 100).toFixed(0)}% of 20 Mbit/s); background window ${JSON.stringify(st.peers[0]?.background)}`);
 
       // Ordering guarantees.
       assert.ok(bg1 > bg0, 'hydration and the plan kept moving data while demand reads ran');

@@ -13,7 +13,7 @@ export interface BackgroundGateOptions {
   min?: number;
   /** most chunks in flight (default 64). */
   max?: number;
-  /** chunks queued in the path to aim for: grow below alpha, shrink above beta (1, 2). */
+  /** chunks queued in the path to aim for: grow below alpha, shrink above beta (0.4, 1). */
   alpha?: number;
   beta?: number;
   /** forget the least latency after this long, so a changed path is learnt again (30 s). */
@@ -52,8 +52,8 @@ export class BackgroundGate {
   constructor(opts: BackgroundGateOptions = {}) {
     this.min = Math.max(1, opts.min ?? 1);
     this.max = Math.max(this.min, opts.max ?? 64);
-    this.alpha = opts.alpha ?? 1;
-    this.beta = Math.max(this.alpha, opts.beta ?? 2);
+    this.alpha = opts.alpha ?? 0.4;
+    this.beta = Math.max(this.alpha, opts.beta ?? 1);
     this.baseMemoryMs = opts.baseMemoryMs ?? 30_000;
     this.now = opts.now ?? (() => performance.now());
     this.windowValue = this.min;
