@@ -103,9 +103,7 @@ describe('priority: demand reads under background load', { timeout: 600_000 }, (
       const bg0 = await bgBytes();
       const link0 = await sites.linkBytes();
       const tl0 = performance.now();
-      const t0 = performance.now();
       const loaded = await demandReads();
-      const seconds = (performance.now() - t0) / 1000;
       const bg1 = await bgBytes();
       const link1 = await sites.linkBytes();
       const linkSeconds = (performance.now() - tl0) / 1000;
