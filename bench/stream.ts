@@ -28,13 +28,13 @@ import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
 import { SecureCache } from '../src/cache/cache.js';
 import { SlabStore } from '../src/cache/slab.js';
-import { metric, type TwoSitesOptions } from '../test/helpers/edges.js';
+import type { TwoSitesOptions } from '../test/helpers/edges.js';
 import { installCleanupHandlers, runBench } from './lib/cleanup.js';
-import { copyBuild, startSites } from './lib/sites.js';
+import { copyBuild, counters, cpuOf, startSites } from './lib/sites.js';
 import { makeTempDir, writeRandomFile } from './lib/files.js';
 import { buildFsImage, DEFAULT_FS_MIX, imageCensus, SYSTEM_SOURCES, type FsImageReport, type ImageCensus } from './lib/image.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
-import { freePort, haveCommand, processCpuSeconds, runCommand, startBackground, waitForListen, type Background } from './lib/process.js';
+import { freePort, haveCommand, runCommand, startBackground, waitForListen, type Background } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
 import { diff, median, ratio, spread } from './lib/stats.js';
@@ -235,29 +235,6 @@ interface ReadSample {
   allSeconds?: number[];
 }
 
-const COUNTERS: readonly [string, string, Record<string, string>][] = [
-  ['readsCache', 'spillway_remote_chunk_reads_total', { tier: 'cache' }],
-  ['readsLink', 'spillway_remote_chunk_reads_total', { tier: 'link' }],
-  ['receivedData', 'spillway_remote_chunks_received_total', { kind: 'data' }],
-  ['receivedZero', 'spillway_remote_chunks_received_total', { kind: 'zero' }],
-  ['receivedSignature', 'spillway_remote_chunks_received_total', { kind: 'signature' }],
-  ['coalesced', 'spillway_remote_fetches_coalesced_total', {}],
-  ['readAheadChunks', 'spillway_remote_readahead_chunks_total', {}],
-  ['timeouts', 'spillway_remote_fetch_timeouts_total', {}],
-  ['corrupt', 'spillway_remote_chunks_corrupt_total', {}],
-];
-
-async function counters(url: string): Promise<Record<string, number>> {
-  const out: Record<string, number> = {};
-  for (const [k, name, labels] of COUNTERS) out[k] = await metric(url, name, labels).catch(() => Number.NaN);
-  return out;
-}
-
-async function cpuOf(procs: Record<string, number>): Promise<Record<string, number>> {
-  const out: Record<string, number> = {};
-  for (const [k, pid] of Object.entries(procs)) out[k] = await processCpuSeconds(pid).catch(() => Number.NaN);
-  return out;
-}
 
 /** nbdcopy of `uri` to null:, with the CPU time of `pids` over the copy. */
 async function timedRead(uri: string, pids: Record<string, number>): Promise<ReadSample> {

@@ -20,6 +20,8 @@ head -c 8M /dev/urandom > "$WORK/tree/data/random.bin"
 awk 'BEGIN { for (i = 0; i < 120000; i++) print "compressible text line", i, "for the demo" }' > "$WORK/tree/data/text.txt"
 mkfs.ext4 -q -F -d "$WORK/tree" "$WORK/disk.img" 256M
 ls -ls "$WORK/disk.img"
+echo "   spillway analyze reads its filesystem (what later steps use to plan prefetch and adapt instances):"
+$SPILLWAY analyze --top 3 "$WORK/disk.img" | sed 's/^/   /'
 
 say "2. spillway serve $WORK/disk.img on $URI"
 $SPILLWAY serve "$WORK/disk.img" --port "$PORT" --bind 127.0.0.1 --pid-file "$WORK/serve.pid" --description "demo disk" 2> "$WORK/serve.log" &
@@ -126,4 +128,4 @@ say "Summary"
 echo "   served $WORK/disk.img over NBD; nbdinfo, qemu-io, nbdcopy and a VM used it (log: $WORK/serve.log)"
 echo "   streamed it between two edges over mutual TLS through an emulated WAN (logs: $WORK/stream/*.log)"
 echo "   wrote through the cloud edge and shipped the writes back to the on-prem disk (spillway volume drain)"
-echo "   next: spillway serve --help, spillway edge --help, spillway volume --help, docs/edge.md, docs/writeback.md"
+echo "   next: spillway serve --help, spillway edge --help, spillway volume --help, spillway profile --help, spillway analyze --help; docs/edge.md, docs/writeback.md, docs/profiles.md"

@@ -6,8 +6,9 @@ import { existsSync } from 'node:fs';
 import { cp, mkdir, realpath, symlink } from 'node:fs/promises';
 import path from 'node:path';
 
-import { startTwoSites, type TwoSites, type TwoSitesOptions } from '../../test/helpers/edges.js';
+import { metric, startTwoSites, type TwoSites, type TwoSitesOptions } from '../../test/helpers/edges.js';
 import { onCleanup } from './cleanup.js';
+import { processCpuSeconds } from './process.js';
 
 /**
  * A copy of `fromRoot`'s dist/ with what it needs beside it (package.json, the native addon, a
@@ -55,4 +56,30 @@ export async function startSites(dir: string, image: string, o: TwoSitesOptions)
       unregister();
     },
   };
+}
+
+/** Cloud-edge read-path counters every streaming bench reports (before/after diffs). */
+const COUNTERS: readonly [string, string, Record<string, string>][] = [
+  ['readsCache', 'spillway_remote_chunk_reads_total', { tier: 'cache' }],
+  ['readsLink', 'spillway_remote_chunk_reads_total', { tier: 'link' }],
+  ['receivedData', 'spillway_remote_chunks_received_total', { kind: 'data' }],
+  ['receivedZero', 'spillway_remote_chunks_received_total', { kind: 'zero' }],
+  ['receivedSignature', 'spillway_remote_chunks_received_total', { kind: 'signature' }],
+  ['coalesced', 'spillway_remote_fetches_coalesced_total', {}],
+  ['readAheadChunks', 'spillway_remote_readahead_chunks_total', {}],
+  ['timeouts', 'spillway_remote_fetch_timeouts_total', {}],
+  ['corrupt', 'spillway_remote_chunks_corrupt_total', {}],
+];
+
+export async function counters(url: string): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  for (const [k, name, labels] of COUNTERS) out[k] = await metric(url, name, labels).catch(() => Number.NaN);
+  return out;
+}
+
+/** CPU seconds of each process so far (NaN when it is gone). */
+export async function cpuOf(procs: Record<string, number>): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  for (const [k, pid] of Object.entries(procs)) out[k] = await processCpuSeconds(pid).catch(() => Number.NaN);
+  return out;
 }

@@ -24,16 +24,17 @@ import { startMetricsServer, type MetricsServer } from '../metrics/http.js';
 import { NbdServer } from '../nbd/server.js';
 import { readPartitionTable, swapRanges } from '../prefetch/partitions.js';
 import { buildFileMap } from '../prefetch/analyze.js';
-import type { FileMap } from '../prefetch/file-map.js';
 import { FileGroups } from '../prefetch/groups.js';
-import { planPrefetch } from '../prefetch/planner.js';
-import { checkName, ProfileError, ProfileRecorder, ProfileStore, summarize, type Profile, type ProfileSummary } from '../prefetch/profile.js';
+import type { Profile, ProfileSummary } from '../prefetch/profile.js';
 import { ReadTap } from '../prefetch/tap.js';
 import { HydratedDevice, readHydrationState, type ChunkSource } from '../hydrate/hydrated-device.js';
 import { Hydrator, type HydrationStatus } from '../hydrate/hydrator.js';
 import { BackgroundGate, type BackgroundGateStatus } from './remote/background.js';
 import { KeyStore } from './remote/key-store.js';
-import { Prefetcher, type PrefetchStatus } from './remote/prefetcher.js';
+import type { PrefetchStatus } from './remote/prefetcher.js';
+import { EdgeRequestError, VolumeProfiles, type RecordingStatus } from './remote/profiles.js';
+
+export { EdgeRequestError, type RecordingStatus };
 import { WriteBackDevice } from '../writeback/device.js';
 import { Journal } from '../writeback/journal.js';
 import { PolicyMap, type PolicyRange } from '../writeback/policy.js';
@@ -76,18 +77,6 @@ class Borrowed extends FilterDevice {
   }
 }
 
-/** A control request that cannot be served, with the HTTP status to answer. */
-export class EdgeRequestError extends Error {
-  readonly code = 'SPW_ERR_EDGE_REQUEST';
-  constructor(
-    readonly status: number,
-    message: string,
-  ) {
-    super(message);
-    this.name = 'EdgeRequestError';
-  }
-}
-
 export interface VolumeWriteStatus {
   policy: string;
   ranges: Array<{ offset: number; length: number; policy: string; source: string }>;
@@ -101,23 +90,6 @@ export interface VolumeWriteStatus {
   lastError: string;
 }
 
-export interface RecordingStatus {
-  name: string;
-  startedAt: string;
-  chunks: number;
-  uniqueBytes: number;
-  reads: number;
-  /** ms since the last new chunk was read (null before the first). */
-  idleMs: number | null;
-}
-
-interface Recording {
-  recorder: ProfileRecorder;
-  startedAt: Date;
-  unlisten: () => void;
-  timer: NodeJS.Timeout;
-}
-
 interface RemoteEntry {
   entry: RemoteVolumeEntry;
   volume: RemoteVolume;
@@ -125,12 +97,8 @@ interface RemoteEntry {
   /** the base image as the guest sees it, below the overlay (streamed, or hydrated). */
   base?: BlockDevice;
   tap?: ReadTap;
-  recording?: Recording;
-  prefetcher?: Prefetcher;
-  prefetchUnlisten?: () => void;
   hydrated?: HydratedDevice;
   hydrator?: Hydrator;
-  fileMap?: Promise<FileMap>;
   error?: string;
   writeback?: WriteBackDevice;
   shipper?: Shipper;
@@ -154,7 +122,7 @@ export class Edge {
   private material: LinkTlsMaterial | null = null;
   /** group push: chunk groups (files) of the volumes this edge owns, once mapped. */
   private readonly groups = new Map<string, { state: string; files?: number; error?: string; groups?: FileGroups }>();
-  private profiles: ProfileStore | null = null;
+  private profiles: VolumeProfiles | null = null;
   private keyStore: KeyStore | null = null;
   /** background fetches (prefetch, hydration) per peer. */
   private readonly gates = new Map<string, BackgroundGate>();
@@ -208,7 +176,7 @@ export class Edge {
     const remote = c.volumes.filter(isRemoteVolume);
     if (remote.length > 0) {
       this.cache = await SecureCache.open({ dir: c.cache!.dir, maxBytes: c.cache!.size });
-      this.profiles = new ProfileStore(path.join(c.state, 'profiles'));
+      this.profiles = new VolumeProfiles(path.join(c.state, 'profiles'), this.cache, c.cache!.size, this.log.child('prefetch'));
       this.keyStore = new KeyStore(path.join(c.state, 'volume-keys'), this.material.key, this.name);
       this.nbd = new NbdServer({
         exports: [],
@@ -269,14 +237,16 @@ export class Edge {
     const dev = r.device!;
     // Background work starts with the export: recording sees the guest's first read, and the
     // plan races the guest's demand for the same chunks.
+    const profiles = this.profiles!;
+    profiles.attach(name, { volume: r.volume, base: r.base!, tap: r.tap!, gate: this.gateFor(r.entry.peer), has: r.hydrated ? (i) => r.hydrated!.has(i) : undefined });
     if (r.entry.record) {
       try {
-        this.startRecording(name, { name: r.entry.record.name, idleMs: r.entry.record.idle, forMs: r.entry.record.for });
+        profiles.startRecording(name, { name: r.entry.record.name, idleMs: r.entry.record.idle, forMs: r.entry.record.for });
       } catch (err) {
         this.log('error', 'cannot record a profile', { volume: name, err: (err as Error).message });
       }
     }
-    if (r.entry.prefetch) void this.startPrefetch(name, r).catch((err: Error) => this.log('error', 'prefetch plan not started', { volume: name, err: err.message }));
+    if (r.entry.prefetch) void profiles.prefetch(name, r.entry.prefetch).catch((err: Error) => this.log('error', 'prefetch plan not started', { volume: name, err: err.message }));
     if (r.hydrator && r.entry.hydrate?.start !== false) r.hydrator.start();
     this.nbd?.addExport({ name, device: dev, description: `${r.entry.volume ?? name} from ${r.entry.peer}` });
     this.log('info', 'volume exported', { volume: name, size: dev.size, stack: dev.description });
@@ -341,162 +311,37 @@ export class Edge {
     return r;
   }
 
-  private profileStore(): ProfileStore {
+  private profileService(): VolumeProfiles {
     if (!this.profiles) throw new EdgeRequestError(409, 'this edge serves no volume from a peer, so it keeps no profiles');
     return this.profiles;
   }
 
-  /** Record the order in which the guest reads the base image of `volume`. */
   startRecording(volume: string, o: { name: string; forMs?: number; idleMs?: number }): RecordingStatus {
-    const r = this.remote(volume);
-    if (!r.tap || !r.volume.info) throw new EdgeRequestError(409, `volume ${volume} is not open yet${r.error ? `: ${r.error}` : ''}`);
-    if (r.recording) throw new EdgeRequestError(409, `volume ${volume} is already recording profile "${r.recording.recorder.name}"; stop it first (spillway profile stop ${volume})`);
-    try {
-      checkName('profile name', o.name);
-    } catch (err) {
-      throw new EdgeRequestError(400, (err as Error).message);
-    }
-    const info = r.volume.info;
-    const recorder = new ProfileRecorder({ name: o.name, volume: info.name, family: info.family, chunkSize: info.chunkSize, size: info.size });
-    const unlisten = r.tap.listen((off, len) => recorder.touch(off, len));
-    const idleMs = o.idleMs ?? 15_000;
-    // the recorder's clock: monotonic, in epoch milliseconds
-    const clock = () => performance.timeOrigin + performance.now();
-    const started = clock();
-    const timer = setInterval(() => {
-      const now = clock();
-      const idle = recorder.lastTouchAt !== undefined && now - recorder.lastTouchAt > idleMs;
-      if ((o.forMs !== undefined && now - started > o.forMs) || idle) {
-        this.stopRecording(volume).catch((err: Error) => this.log('error', 'saving the profile failed', { volume, err: err.message }));
-      }
-    }, Math.min(500, Math.max(50, idleMs / 4)));
-    timer.unref();
-    r.recording = { recorder, startedAt: new Date(), unlisten, timer };
-    this.log('info', 'recording a profile', { volume, profile: o.name, idleMs, forMs: o.forMs });
-    return this.recordingStatus(r.recording);
+    this.remote(volume);
+    return this.profileService().startRecording(volume, o);
   }
 
-  /** Stop recording and save the profile. */
-  async stopRecording(volume: string): Promise<ProfileSummary> {
-    const r = this.remote(volume);
-    const rec = r.recording;
-    if (!rec) throw new EdgeRequestError(409, `volume ${volume} is not recording a profile`);
-    r.recording = undefined;
-    clearInterval(rec.timer);
-    rec.unlisten();
-    const profile = rec.recorder.toProfile();
-    await this.profileStore().save(profile);
-    const summary = summarize(profile);
-    this.log('info', 'profile saved', { ...summary, export: volume });
-    return summary;
+  stopRecording(volume: string): Promise<ProfileSummary> {
+    this.remote(volume);
+    return this.profileService().stopRecording(volume);
   }
 
-  private recordingStatus(rec: Recording): RecordingStatus {
-    const r = rec.recorder;
-    return { name: r.name, startedAt: rec.startedAt.toISOString(), chunks: r.chunks, uniqueBytes: r.uniqueBytes, reads: r.reads, idleMs: r.lastTouchAt === undefined ? null : Math.round(performance.timeOrigin + performance.now() - r.lastTouchAt) };
+  listProfiles(): Promise<ProfileSummary[]> {
+    return this.profileService().list();
   }
 
-  async listProfiles(): Promise<ProfileSummary[]> {
-    return this.profileStore().list((name, err) => this.log('warn', 'unreadable profile skipped', { profile: name, err: err.message }));
+  getProfile(name: string, withFiles: boolean): Promise<{ profile: Profile; files?: Array<{ t: number; path: string; offset: number; length: number }> }> {
+    return this.profileService().get(name, withFiles);
   }
 
-  async getProfile(name: string, withFiles: boolean): Promise<{ profile: Profile; files?: Array<{ t: number; path: string; offset: number; length: number }> }> {
-    const profile = await this.loadProfile(name);
-    if (!withFiles) return { profile };
-    const r = [...this.remoteVolumes.values()].find((x) => x.volume.info?.name === profile.volume && x.base);
-    if (!r) throw new EdgeRequestError(409, `no open volume here is "${profile.volume}", so its files cannot be mapped; open it, or use --ranges`);
-    r.fileMap ??= buildFileMap(async (off, len) => {
-      const b = Buffer.alloc(len);
-      await r.base!.read(off, b);
-      return b;
-    }, r.base!.size);
-    let map: FileMap;
-    try {
-      map = await r.fileMap;
-    } catch (err) {
-      r.fileMap = undefined;
-      throw new EdgeRequestError(422, `cannot map the files of ${profile.volume}: ${(err as Error).message}`);
-    }
-    const files: Array<{ t: number; path: string; offset: number; length: number }> = [];
-    for (const e of profile.entries) {
-      const offset = e.start * profile.chunkSize;
-      const length = Math.min(e.count * profile.chunkSize, profile.size - offset);
-      const hits = map.filesIn(offset, length);
-      if (hits.length === 0) files.push({ t: e.t, path: '(metadata)', offset, length });
-      for (const f of hits) {
-        for (const x of f.extents) {
-          const from = Math.max(offset, x.offset);
-          const to = Math.min(offset + length, x.offset + x.length);
-          if (from < to) files.push({ t: e.t, path: f.path, offset: from, length: to - from });
-        }
-      }
-    }
-    return { profile, files };
-  }
-
-  async deleteProfile(name: string): Promise<void> {
-    await this.loadProfile(name);
-    await this.profileStore().delete(name);
-  }
-
-  private async loadProfile(name: string): Promise<Profile> {
-    try {
-      return await this.profileStore().load(name);
-    } catch (err) {
-      if (err instanceof ProfileError) throw new EdgeRequestError(/no profile named/.test(err.message) ? 404 : 422, err.message);
-      throw err;
-    }
+  deleteProfile(name: string): Promise<void> {
+    return this.profileService().delete(name);
   }
 
   /** Start (or restart) a prefetch plan while the volume runs (warming the cache). */
   async prefetch(volume: string, cfg: { profiles: string[]; hotspots?: boolean; budget?: number }): Promise<PrefetchStatus> {
-    const r = this.remote(volume);
-    if (!r.tap || !r.volume.info) throw new EdgeRequestError(409, `volume ${volume} is not open yet${r.error ? `: ${r.error}` : ''}`);
-    for (const p of cfg.profiles) await this.loadProfile(p);
-    r.prefetcher?.stop();
-    await this.startPrefetch(volume, r, { profiles: cfg.profiles, hotspots: cfg.hotspots ?? false, budget: cfg.budget });
-    if (!r.prefetcher) throw new EdgeRequestError(422, 'no usable profile (their chunk size differs from the volume\'s)');
-    return r.prefetcher.status();
-  }
-
-  /** Plan from the configured profiles (and hot spots) and stream it into the cache. */
-  private async startPrefetch(name: string, r: RemoteEntry, given?: { profiles: string[]; hotspots: boolean; budget?: number }): Promise<void> {
-    const cfg = given ?? r.entry.prefetch!;
-    const info = r.volume.info!;
-    const store = this.profileStore();
-    const profiles: Profile[] = [];
-    for (const p of cfg.profiles) {
-      try {
-        profiles.push(await store.load(p));
-      } catch (err) {
-        this.log('warn', 'profile not used for prefetch', { volume: name, profile: p, err: (err as Error).message });
-      }
-    }
-    if (cfg.hotspots) {
-      const have = new Set(profiles.map((p) => p.name));
-      for (const p of await store.forFamily(info.family)) if (!have.has(p.name)) profiles.push(p);
-    }
-    const usable = profiles.filter((p) => p.chunkSize === info.chunkSize);
-    if (usable.length < profiles.length) this.log('warn', 'profiles with another chunk size left out of the plan', { volume: name, left: profiles.length - usable.length });
-    if (usable.length === 0) {
-      this.log('warn', 'no profile to prefetch from', { volume: name, profiles: cfg.profiles, hotspots: cfg.hotspots });
-      return;
-    }
-    const budget = cfg.budget ?? Math.floor(this.config.cache!.size / 2);
-    const plan = planPrefetch({
-      chunkSize: info.chunkSize,
-      chunkCount: r.volume.chunkCount,
-      profiles: usable,
-      budgetBytes: budget,
-      chunkBytes: (i) => r.volume.chunkLength(i),
-      skip: (i) => this.cache!.lookup(r.volume.name, i) !== null || (r.hydrated?.has(i) ?? false),
-    });
-    r.prefetchUnlisten?.();
-    const prefetcher = new Prefetcher({ volume: r.volume, exportName: name, cache: this.cache!, gate: this.gateFor(r.entry.peer), plan: plan.chunks, sources: usable.map((p) => p.name), log: this.log.child('prefetch') });
-    r.prefetcher = prefetcher;
-    r.prefetchUnlisten = r.tap!.listen((off, len) => prefetcher.noteRead(off, len));
-    prefetcher.start();
-    this.log('info', 'prefetch plan started', { volume: name, profiles: usable.map((p) => p.name), chunks: plan.chunks.length, bytes: plan.bytes, truncatedByBudget: plan.truncated, budget });
+    this.remote(volume);
+    return (await this.profileService().prefetch(volume, { profiles: cfg.profiles, hotspots: cfg.hotspots ?? false, budget: cfg.budget }, true))!;
   }
 
   /** Pause or resume hydration, or change its rate. */
@@ -731,8 +576,8 @@ export class Edge {
         size: r.device?.size,
         error: r.error,
         writes: this.writeStatus(r),
-        recording: r.recording ? this.recordingStatus(r.recording) : undefined,
-        prefetch: r.prefetcher?.status(),
+        recording: this.profiles?.recordingStatus(name),
+        prefetch: this.profiles?.prefetchStatus(name),
         hydration: r.hydrator?.status(),
       })),
       peers: [...this.peers.values()].map((p) => ({ name: p.opts.name, connected: p.connected, connections: p.connectionCount, reconnects: p.reconnects, lastError: p.lastErrorMessage, background: this.gates.get(p.opts.name)?.status() })),
@@ -745,9 +590,8 @@ export class Edge {
     const nbd = this.nbd;
     this.nbd = null;
     await nbd?.close();
-    for (const [name, r] of this.remoteVolumes) {
-      r.prefetcher?.stop();
-      if (r.recording) await this.stopRecording(name).catch((err: Error) => this.log('warn', 'profile not saved at shutdown', { volume: name, err: err.message }));
+    await this.profiles?.close();
+    for (const r of this.remoteVolumes.values()) {
       await r.hydrator?.stop().catch(() => undefined);
       await r.shipper?.stop();
       await r.device?.close().catch(() => undefined); // seals what the guest wrote

@@ -96,7 +96,9 @@ describe('boot profiles with a real VM', { timeout: 600_000 }, () => {
       const linkReads2 = (await metric(s.metricsUrl, 'spillway_remote_chunk_reads_total', { volume: VOLUME, tier: 'link' })) - before;
       t.diagnostic(`boot 2: ${boot2.timings.doneMs} ms; plan ${p.planned} chunks, used ${p.used}, hit rate ${p.hitRate}; ${linkReads2} chunk reads went to the link`);
       assert.ok(p.used >= boot.chunks * 0.9, `the guest used the prefetched chunks (${p.used} of ${boot.chunks})`);
-      assert.ok(linkReads2 <= 2, `the second boot read from the cache, not the link (${linkReads2} link reads)`);
+      // A few chunks may still cross: those the first boot wrote before reading them back (its
+      // overlay answered them, so they are not in the profile; this boot starts with no overlay).
+      assert.ok(linkReads2 <= Math.max(4, boot.chunks * 0.05), `the second boot read from the cache, not the link (${linkReads2} link reads for ${boot.chunks} profiled chunks)`);
     } finally {
       await sites?.stop();
       await tmp.cleanup();
