@@ -5,7 +5,8 @@
 // subject to credit-based flow control (the receiver grants bytes with CREDIT); control
 // frames are not, and are small.
 
-export const LINK_VERSION = 1;
+/** 2: FETCH and chunk answers carry a fill token (pushes, I5). */
+export const LINK_VERSION = 2;
 export const FRAME_HEADER_SIZE = 8;
 /** Largest payload of one frame: one chunk of up to 1 MiB plus its header. */
 export const MAX_FRAME_PAYLOAD = 1024 * 1024 + 256;
