@@ -33,11 +33,12 @@ import { positiveInt } from './lib/args.js';
 import { installCleanupHandlers, runBench } from './lib/cleanup.js';
 import { makeTempDir } from './lib/files.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
-import { freePort, haveCommand, runCommand, startBackground, waitForListen, type Background } from './lib/process.js';
+import { haveCommand, runCommand, type Background } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
+import { readRelayStats, startQemuNbd, startRelay, type RelayBytes } from './lib/relay.js';
 import { copyBuild, counters, cpuOf, startSites, type Sites } from './lib/sites.js';
 import { formatSize, parseSize } from './lib/size.js';
-import { diff, median, ratio, spread } from './lib/stats.js';
+import { diff, median, ratio, spread, verdict } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
 import { BENCH_VM_DIR, BENCH_VM_SCRIPT, bootBenchVm, ensureBenchVm, type BenchBoot, type BenchVm } from './lib/vm-bench.js';
 
@@ -158,29 +159,6 @@ function parseOptions(argv: string[]): Options | null {
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const log = (line: string): void => void process.stderr.write(`${line}\n`);
 
-interface RelayStats {
-  bytes: { clientToTarget: number; targetToClient: number };
-}
-
-async function readRelayStats(file: string): Promise<RelayStats> {
-  return JSON.parse(await readFile(file, 'utf8')) as RelayStats;
-}
-
-/** A `spillway wanem` relay in its own process, in front of `target`. */
-async function startRelay(cli: string, target: number, statsFile: string, opts: Options): Promise<{ port: number; proc: Background }> {
-  const port = await freePort();
-  const proc = startBackground('wanem', process.execPath, [cli, 'wanem', '--listen', `127.0.0.1:${port}`, '--target', `127.0.0.1:${target}`, '--delay-ms', String(opts.delayMs), '--rate-mbit', String(opts.rateMbit), '--stats-file', statsFile]);
-  await waitForListen(port, '127.0.0.1', proc);
-  return { port, proc };
-}
-
-/** qemu-nbd serving `image` read-only at the origin, as a copy-first deployment would. */
-async function startQemuNbd(image: string): Promise<{ port: number; proc: Background }> {
-  const port = await freePort();
-  const proc = startBackground('qemu-nbd', 'qemu-nbd', ['-r', '-f', 'raw', '-t', '-x', '', '-b', '127.0.0.1', '-p', String(port), image]);
-  await waitForListen(port, '127.0.0.1', proc);
-  return { port, proc };
-}
 
 /** One JSON request to the cloud edge's control socket (STATE/control.sock). */
 function control<T>(socketPath: string, method: string, route: string, body?: unknown): Promise<T> {
@@ -285,7 +263,7 @@ async function copyFirstBoot(vm: BenchVm, opts: Options, run: number, dir: strin
   const q = await startQemuNbd(vm.rootImg);
   let relay: { port: number; proc: Background } | null = null;
   let copySeconds: number;
-  let stats: RelayStats;
+  let stats: RelayBytes;
   let cpu: Record<string, number>;
   try {
     relay = await startRelay(cli, q.port, statsFile, opts);
@@ -302,10 +280,10 @@ async function copyFirstBoot(vm: BenchVm, opts: Options, run: number, dir: strin
     await relay?.proc.stop();
     await q.proc.stop();
   }
-  log(`  copied in ${fmt(copySeconds, 1)} s: ${formatSize(stats.bytes.targetToClient)} over the link, copy allocates ${formatSize(await allocated(copy))}`);
+  log(`  copied in ${fmt(copySeconds, 1)} s: ${formatSize(stats.targetToClient)} over the link, copy allocates ${formatSize(await allocated(copy))}`);
   try {
     const boot = await bootBenchVm({ ...bootOpts(vm, opts), drive: { file: copy } });
-    return { run, part: 'a', seconds: copySeconds + boot.readySeconds, boot, copySeconds, linkBytes: stats.bytes.targetToClient, linkBytesUp: stats.bytes.clientToTarget, cpu, load: load1() };
+    return { run, part: 'a', seconds: copySeconds + boot.readySeconds, boot, copySeconds, linkBytes: stats.targetToClient, linkBytesUp: stats.clientToTarget, cpu, load: load1() };
   } finally {
     await rm(copy, { force: true });
   }
@@ -320,7 +298,7 @@ async function allocated(file: string): Promise<number> {
 /** The relay's delivered bytes now (its stats file is rewritten every 500 ms). */
 async function relayNow(s: Sites): Promise<number> {
   try {
-    return (await readRelayStats(s.statsFile)).bytes.targetToClient;
+    return (await readRelayStats(s.statsFile)).targetToClient;
   } catch {
     return Number.NaN;
   }
@@ -354,15 +332,9 @@ async function spillwayCold(vm: BenchVm, opts: Options, run: number, dir: string
       log(`  no recording: ${(e as Error).message}`);
     }
   }
-  const pids = sitesPids(s);
   const before = await s.sites.linkBytes();
   const relay0 = await relayNow(s);
-  const c0 = await counters(s.sites.metricsUrl);
-  const cpu0 = await cpuOf(pids);
-  let atReady: Promise<number> | null = null;
-  const boot = await bootBenchVm({ ...bootOpts(vm, opts), drive: { uri: s.sites.uri(VOLUME) }, onReady: () => (atReady = relayNow(s)) });
-  const cpu = diff(await cpuOf(pids), cpu0);
-  const c1 = await counters(s.sites.metricsUrl);
+  const { boot, cpu, counters: c, atReady } = await measuredBoot(s, vm, opts);
   const after = await s.sites.linkBytes();
   let profile: ProfileInfo | null = null;
   if (recording) {
@@ -379,9 +351,20 @@ async function spillwayCold(vm: BenchVm, opts: Options, run: number, dir: string
       notes.push(`run ${run}: no profile ${profileName} after (b): ${(e as Error).message}`);
     }
   }
-  const ready = atReady === null ? Number.NaN : await atReady;
-  const sample: Sample = { run, part: 'b', seconds: boot.readySeconds, boot, linkBytes: after - before, linkBytesAtReady: ready - relay0, profile, counters: diff(c1, c0, 0), cpu, load: load1() };
+  const sample: Sample = { run, part: 'b', seconds: boot.readySeconds, boot, linkBytes: after - before, linkBytesAtReady: (await atReady) - relay0, profile, counters: c, cpu, load: load1() };
   return { sample, state: { sites: s, dir, profileName } };
+}
+
+/** Boot through the cloud export, with the edges' CPU and counters around it and the relay's
+ *  count when the guest printed its ready marker (NaN if it never did). */
+async function measuredBoot(s: Sites, vm: BenchVm, opts: Options): Promise<{ boot: BenchBoot; cpu: Record<string, number>; counters: Record<string, number>; atReady: Promise<number> }> {
+  const pids = sitesPids(s);
+  const c0 = await counters(s.sites.metricsUrl);
+  const cpu0 = await cpuOf(pids);
+  let atReady: Promise<number> = Promise.resolve(Number.NaN);
+  const boot = await bootBenchVm({ ...bootOpts(vm, opts), drive: { uri: s.sites.uri(VOLUME) }, onReady: () => (atReady = relayNow(s)) });
+  const cpu = diff(await cpuOf(pids), cpu0);
+  return { boot, cpu, counters: diff(await counters(s.sites.metricsUrl), c0, 0), atReady };
 }
 
 /**
@@ -405,13 +388,7 @@ async function spillwayProfiled(vm: BenchVm, opts: Options, run: number, st: Spi
   await s.sites.startCloud();
   await waitForExport(s.sites.uri(VOLUME));
   const headStartSeconds = (performance.now() - cloudStart) / 1000;
-  const pids = sitesPids(s);
-  const c0 = await counters(s.sites.metricsUrl);
-  const cpu0 = await cpuOf(pids);
-  let atReady: Promise<number> | null = null;
-  const boot = await bootBenchVm({ ...bootOpts(vm, opts), drive: { uri: s.sites.uri(VOLUME) }, onReady: () => (atReady = relayNow(s)) });
-  const cpu = diff(await cpuOf(pids), cpu0);
-  const c1 = await counters(s.sites.metricsUrl);
+  const { boot, cpu, counters: c, atReady } = await measuredBoot(s, vm, opts);
   // The plan may still be streaming after the boot: its bytes are part of the cost.
   const sock = path.join(dir, 'state-cloud', 'control.sock');
   let prefetch: PrefetchStatus | null = null;
@@ -423,7 +400,7 @@ async function spillwayProfiled(vm: BenchVm, opts: Options, run: number, st: Spi
     await sleep(500);
   }
   const after = await s.sites.linkBytes();
-  const ready = atReady === null ? Number.NaN : await atReady;
+  const ready = await atReady;
   return {
     run,
     part: 'c',
@@ -433,7 +410,7 @@ async function spillwayProfiled(vm: BenchVm, opts: Options, run: number, st: Spi
     linkBytesAtReady: ready - relay0,
     headStartSeconds,
     prefetch,
-    counters: diff(c1, c0, 0),
+    counters: c,
     cpu,
     load: load1(),
   };
@@ -452,11 +429,6 @@ async function checkTools(): Promise<void> {
   const problems: string[] = [];
   for (const [cmd, pkg] of needed) if (!(await haveCommand(cmd))) problems.push(`${cmd} is missing: apt-get install ${pkg}`);
   if (problems.length > 0) throw new Error(problems.join('\n'));
-}
-
-function verdict(value: number | null, target: number, higherIsBetter: boolean): 'met' | 'missed' | 'n/a' {
-  if (value === null || !Number.isFinite(value)) return 'n/a';
-  return (higherIsBetter ? value >= target : value <= target) ? 'met' : 'missed';
 }
 
 async function main(): Promise<void> {

@@ -30,14 +30,15 @@ import { SecureCache } from '../src/cache/cache.js';
 import { SlabStore } from '../src/cache/slab.js';
 import type { TwoSitesOptions } from '../test/helpers/edges.js';
 import { installCleanupHandlers, runBench } from './lib/cleanup.js';
+import { readRelayStats, startQemuNbd, startRelay } from './lib/relay.js';
 import { copyBuild, counters, cpuOf, startSites } from './lib/sites.js';
 import { makeTempDir, writeRandomFile } from './lib/files.js';
 import { buildFsImage, DEFAULT_FS_MIX, imageCensus, SYSTEM_SOURCES, type FsImageReport, type ImageCensus } from './lib/image.js';
 import { REPO_ROOT } from './lib/nbd-servers.js';
-import { freePort, haveCommand, runCommand, startBackground, waitForListen, type Background } from './lib/process.js';
+import { haveCommand, runCommand, type Background } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
-import { diff, median, ratio, spread } from './lib/stats.js';
+import { diff, median, ratio, spread, verdict } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
 import { positiveInt } from './lib/args.js';
 
@@ -183,30 +184,6 @@ async function plainCacheBuild(dir: string, encryptedCli: string): Promise<{ cli
 }
 
 
-interface RelayStats {
-  bytes: { clientToTarget: number; targetToClient: number };
-}
-
-async function readRelayStats(file: string): Promise<RelayStats> {
-  return JSON.parse(await readFile(file, 'utf8')) as RelayStats;
-}
-
-/** A `spillway wanem` relay in its own process, in front of `target`. */
-async function startRelay(cli: string, target: number, statsFile: string, opts: Options): Promise<{ port: number; proc: Background }> {
-  const port = await freePort();
-  const proc = startBackground('wanem', process.execPath, [cli, 'wanem', '--listen', `127.0.0.1:${port}`, '--target', `127.0.0.1:${target}`, '--delay-ms', String(opts.delayMs), '--rate-mbit', String(opts.rateMbit), '--stats-file', statsFile]);
-  await waitForListen(port, '127.0.0.1', proc);
-  return { port, proc };
-}
-
-/** qemu-nbd serving `image` read-only (as the origin would, for a copy). */
-async function startQemuNbd(image: string): Promise<{ port: number; proc: Background }> {
-  const port = await freePort();
-  const args = ['-r', '-f', 'raw', '-t', '-x', '', '-b', '127.0.0.1', '-p', String(port), image];
-  const proc = startBackground('qemu-nbd', 'qemu-nbd', args);
-  await waitForListen(port, '127.0.0.1', proc);
-  return { port, proc };
-}
 
 // ------------------------------------------------------------------------------ measurements
 
@@ -305,8 +282,8 @@ async function spillwayRead(dir: string, image: string, imageSize: number, opts:
     const warm: ReadSample | null = mid ? { ...mid, allSeconds: warmReads.map((w) => w.seconds) } : null;
     await stop(); // the relay writes its stats one last time as it exits
     const after = await readRelayStats(statsFile);
-    cold.linkBytes = after.bytes.targetToClient - before.bytes.targetToClient;
-    cold.linkBytesUp = after.bytes.clientToTarget - before.bytes.clientToTarget;
+    cold.linkBytes = after.targetToClient - before.targetToClient;
+    cold.linkBytesUp = after.clientToTarget - before.clientToTarget;
     return { cold, warm };
   } finally {
     await stop();
@@ -324,7 +301,7 @@ async function qemuRelayRead(dir: string, image: string, opts: Options, cli: str
     const r = await timedRead(`nbd://127.0.0.1:${relay.port}/`, { 'qemu-nbd': q.proc.pid, relay: relay.proc.pid });
     await relay.proc.stop();
     const s = await readRelayStats(statsFile);
-    return { ...r, linkBytes: s.bytes.targetToClient, linkBytesUp: s.bytes.clientToTarget };
+    return { ...r, linkBytes: s.targetToClient, linkBytesUp: s.clientToTarget };
   } finally {
     await relay?.proc.stop();
     await q.proc.stop();
@@ -553,11 +530,6 @@ async function checkTools(): Promise<void> {
   const problems: string[] = [];
   for (const [cmd, pkg] of needed) if (!(await haveCommand(cmd))) problems.push(`${cmd} is missing: apt-get install ${pkg}`);
   if (problems.length > 0) throw new Error(problems.join('\n'));
-}
-
-function verdict(value: number | null, target: number, higherIsBetter: boolean): 'met' | 'missed' | 'n/a' {
-  if (value === null || !Number.isFinite(value)) return 'n/a';
-  return (higherIsBetter ? value >= target : value <= target) ? 'met' : 'missed';
 }
 
 interface Sample {

@@ -19,13 +19,14 @@
 // A benchmark, not a test: it exits 0 whether targets are met or missed (see bench/README.md).
 
 import { existsSync } from 'node:fs';
-import { readFile, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { metric } from '../test/helpers/edges.js';
 import { positiveInt } from './lib/args.js';
 import { installCleanupHandlers, runBench } from './lib/cleanup.js';
+import { readRelayStats, type RelayBytes } from './lib/relay.js';
 import { copyBuild, startSites, type Sites } from './lib/sites.js';
 import { FIO_PERCENTILE_ARGS, parseFioJson, type FioJob } from './lib/fio.js';
 import { copyFileDurable, makeTempDir, writeRandomFile } from './lib/files.js';
@@ -33,7 +34,7 @@ import { probeExport, REPO_ROOT, startNbdServer, type ExportInfo } from './lib/n
 import { haveCommand, processCpuSeconds, runCommand } from './lib/process.js';
 import { machineInfo, writeJsonResult } from './lib/results.js';
 import { formatSize, parseSize } from './lib/size.js';
-import { diff, median, ratio, spread } from './lib/stats.js';
+import { diff, median, ratio, spread, verdict } from './lib/stats.js';
 import { fmt, fmtRatio, formatTable } from './lib/table.js';
 
 const PARTS = ['guest', 'coalescing', 'rpo'] as const;
@@ -180,18 +181,6 @@ function parseOptions(argv: string[]): Options | null {
 
 
 
-
-interface RelayBytes {
-  /** cloud edge → on-prem edge: fetch requests, write-back batches, TLS. */
-  clientToTarget: number;
-  /** on-prem edge → cloud edge: chunk answers, acknowledgements, TLS. */
-  targetToClient: number;
-}
-
-async function readRelayStats(file: string): Promise<RelayBytes> {
-  const s = JSON.parse(await readFile(file, 'utf8')) as { bytes: RelayBytes };
-  return { clientToTarget: s.bytes.clientToTarget, targetToClient: s.bytes.targetToClient };
-}
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 /** The relay rewrites its stats file every 500 ms: wait for one rewrite after a quiet moment. */
@@ -509,13 +498,6 @@ async function checkTools(): Promise<void> {
   const problems: string[] = [];
   for (const [cmd, pkg] of needed) if (!(await haveCommand(cmd))) problems.push(`${cmd} is missing: apt-get install ${pkg}`);
   if (problems.length > 0) throw new Error(problems.join('\n'));
-}
-
-type Verdict = 'met' | 'missed' | 'n/a';
-
-function verdict(value: number | null, target: number, higherIsBetter: boolean): Verdict {
-  if (value === null || !Number.isFinite(value)) return 'n/a';
-  return (higherIsBetter ? value >= target : value <= target) ? 'met' : 'missed';
 }
 
 const mib = (bytes: number | null | undefined): string => (bytes === null || bytes === undefined || !Number.isFinite(bytes) ? '-' : `${fmt(bytes / 2 ** 20, 1)} MiB`);

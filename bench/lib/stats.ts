@@ -31,3 +31,11 @@ export function diff(after: Record<string, number>, before: Record<string, numbe
   for (const k of Object.keys(after)) out[k] = Math.round(((after[k] ?? 0) - (before[k] ?? 0)) * f) / f;
   return out;
 }
+
+export type Verdict = 'met' | 'missed' | 'n/a';
+
+/** Whether a figure meets its target (n/a when there is no figure). */
+export function verdict(value: number | null, target: number, higherIsBetter: boolean): Verdict {
+  if (value === null || !Number.isFinite(value)) return 'n/a';
+  return (higherIsBetter ? value >= target : value <= target) ? 'met' : 'missed';
+}

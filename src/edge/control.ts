@@ -20,7 +20,8 @@ import { z } from 'zod';
 import type { HydrationStatus } from '../hydrate/hydrator.js';
 import type { Logger } from '../log/logger.js';
 import type { Profile, ProfileSummary } from '../prefetch/profile.js';
-import type { EdgeStatus, RecordingStatus, VolumeWriteStatus } from './edge.js';
+import type { EdgeStatus, VolumeWriteStatus } from './edge.js';
+import type { RecordingStatus } from './remote/profiles.js';
 import type { PrefetchStatus } from './remote/prefetcher.js';
 
 export interface ControlTarget {
@@ -40,9 +41,18 @@ const recordBody = z.strictObject({ name: z.string(), forMs: z.number().positive
 const prefetchBody = z.strictObject({ profiles: z.array(z.string()).min(1), hotspots: z.boolean().optional(), budget: z.number().int().positive().optional() });
 const hydrateBody = z.strictObject({ action: z.enum(['pause', 'resume']).optional(), rate: z.union([z.number().nonnegative(), z.string()]).optional() });
 
-class BadRequest extends Error {
-  readonly status = 400;
+/** A control request that cannot be served, with the HTTP status to answer. */
+export class EdgeRequestError extends Error {
+  readonly code = 'SPW_ERR_EDGE_REQUEST';
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'EdgeRequestError';
+  }
 }
+
 
 function readBody<T>(req: http.IncomingMessage, schema: z.ZodType<T>): Promise<T> {
   return new Promise((resolve, reject) => {
@@ -51,7 +61,7 @@ function readBody<T>(req: http.IncomingMessage, schema: z.ZodType<T>): Promise<T
     req.on('data', (d: string) => {
       text += d;
       if (text.length > MAX_BODY) {
-        reject(new BadRequest(`the request body is larger than ${MAX_BODY} bytes`));
+        reject(new EdgeRequestError(400, `the request body is larger than ${MAX_BODY} bytes`));
         req.destroy();
       }
     });
@@ -60,12 +70,12 @@ function readBody<T>(req: http.IncomingMessage, schema: z.ZodType<T>): Promise<T
       try {
         raw = text.trim() === '' ? {} : JSON.parse(text);
       } catch {
-        reject(new BadRequest('the request body is not JSON'));
+        reject(new EdgeRequestError(400, 'the request body is not JSON'));
         return;
       }
       const r = schema.safeParse(raw);
       if (r.success) resolve(r.data);
-      else reject(new BadRequest(`bad request body: ${r.error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`));
+      else reject(new EdgeRequestError(400, `bad request body: ${r.error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`));
     });
     req.on('error', reject);
   });

@@ -32,15 +32,13 @@ import { Hydrator, type HydrationStatus } from '../hydrate/hydrator.js';
 import { BackgroundGate, type BackgroundGateStatus } from './remote/background.js';
 import { KeyStore } from './remote/key-store.js';
 import type { PrefetchStatus } from './remote/prefetcher.js';
-import { EdgeRequestError, VolumeProfiles, type RecordingStatus } from './remote/profiles.js';
-
-export { EdgeRequestError, type RecordingStatus };
+import { VolumeProfiles, type RecordingStatus } from './remote/profiles.js';
 import { WriteBackDevice } from '../writeback/device.js';
 import { Journal } from '../writeback/journal.js';
 import { PolicyMap, type PolicyRange } from '../writeback/policy.js';
 import { Shipper } from '../writeback/shipper.js';
 import { isRemoteVolume, parseAddress, type EdgeConfig, type RemoteVolumeEntry } from './config.js';
-import { startControlServer, type ControlServer } from './control.js';
+import { EdgeRequestError, startControlServer, type ControlServer } from './control.js';
 import { Applier } from './local/applier.js';
 import { ChunkServer } from './local/chunk-server.js';
 import { peerShipTransport } from './remote/ship-transport.js';

@@ -31,73 +31,41 @@ export interface HydrateMetrics {
 
 let metrics: HydrateMetrics | undefined;
 
+type Sample = ReturnType<HydrationGaugeSource['gaugeSample']>;
+
+/** A gauge filled at scrape time from every running hydrator's sample. */
+function scrapeGauge<L extends string>(name: string, help: string, labelNames: L[], fill: (g: Gauge<L>, volume: string, x: Sample) => void): Gauge<L> {
+  return new Gauge<L>({
+    name,
+    help,
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const s of hydrationGaugeSources) fill(this, s.volume, s.gaugeSample());
+    },
+  });
+}
+
 export function hydrateMetrics(): HydrateMetrics {
   metrics ??= {
     chunks: new Counter({ name: 'spillway_hydrate_chunks_landed_total', help: 'Chunks written into hydrated volumes, by volume and how they came (demand: a guest read; hydration: the background copier)', labelNames: ['volume', 'via'], registers: [registry] }),
     bytes: new Counter({ name: 'spillway_hydrate_bytes_landed_total', help: 'Bytes of chunks written into hydrated volumes (zero chunks count their length), by volume and how they came', labelNames: ['volume', 'via'], registers: [registry] }),
     fetches: new Counter({ name: 'spillway_hydrate_fetches_total', help: 'Chunk fetches the hydrator sent to its source (hydration priority)', labelNames: ['volume'], registers: [registry] }),
     fetchErrors: new Counter({ name: 'spillway_hydrate_fetch_errors_total', help: 'Hydrator fetches that failed and were retried after a backoff', labelNames: ['volume'], registers: [registry] }),
-    done: new Gauge({
-      name: 'spillway_hydrate_done',
-      help: 'Chunks / bytes of the volume already in the hydrated copy',
-      labelNames: ['volume', 'unit'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const s of hydrationGaugeSources) {
-          const g = s.gaugeSample();
-          this.set({ volume: s.volume, unit: 'chunks' }, g.doneChunks);
-          this.set({ volume: s.volume, unit: 'bytes' }, g.doneBytes);
-        }
-      },
+    done: scrapeGauge('spillway_hydrate_done', 'Chunks / bytes of the volume already in the hydrated copy', ['volume', 'unit'], (g, v, x) => {
+      g.set({ volume: v, unit: 'chunks' }, x.doneChunks);
+      g.set({ volume: v, unit: 'bytes' }, x.doneBytes);
     }),
-    total: new Gauge({
-      name: 'spillway_hydrate_total',
-      help: 'Chunks / bytes of the volume being hydrated',
-      labelNames: ['volume', 'unit'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const s of hydrationGaugeSources) {
-          const g = s.gaugeSample();
-          this.set({ volume: s.volume, unit: 'chunks' }, g.totalChunks);
-          this.set({ volume: s.volume, unit: 'bytes' }, g.totalBytes);
-        }
-      },
+    total: scrapeGauge('spillway_hydrate_total', 'Chunks / bytes of the volume being hydrated', ['volume', 'unit'], (g, v, x) => {
+      g.set({ volume: v, unit: 'chunks' }, x.totalChunks);
+      g.set({ volume: v, unit: 'bytes' }, x.totalBytes);
     }),
-    state: new Gauge({
-      name: 'spillway_hydrate_state',
-      help: 'Hydrator state: 1 for the current one (running, paused, complete, error, stopped), 0 for the others',
-      labelNames: ['volume', 'state'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const s of hydrationGaugeSources) {
-          const now = s.gaugeSample().state;
-          for (const st of HYDRATION_STATES) this.set({ volume: s.volume, state: st }, st === now ? 1 : 0);
-        }
-      },
+    state: scrapeGauge('spillway_hydrate_state', 'Hydrator state: 1 for the current one (running, paused, complete, error, stopped), 0 for the others', ['volume', 'state'], (g, v, x) => {
+      for (const st of HYDRATION_STATES) g.set({ volume: v, state: st }, st === x.state ? 1 : 0);
     }),
-    eta: new Gauge({
-      name: 'spillway_hydrate_eta_seconds',
-      help: 'Estimated seconds until the hydrated copy is complete (-1 while unknown)',
-      labelNames: ['volume'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const s of hydrationGaugeSources) this.set({ volume: s.volume }, s.gaugeSample().etaSeconds ?? -1);
-      },
-    }),
-    rate: new Gauge({
-      name: 'spillway_hydrate_rate_bytes_per_second',
-      help: 'Smoothed rate at which chunks land in the hydrated copy (both ways)',
-      labelNames: ['volume'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const s of hydrationGaugeSources) this.set({ volume: s.volume }, s.gaugeSample().ratePerSecond);
-      },
-    }),
+    eta: scrapeGauge('spillway_hydrate_eta_seconds', 'Estimated seconds until the hydrated copy is complete (-1 while unknown)', ['volume'], (g, v, x) => g.set({ volume: v }, x.etaSeconds ?? -1)),
+    rate: scrapeGauge('spillway_hydrate_rate_bytes_per_second', 'Smoothed rate at which chunks land in the hydrated copy (both ways)', ['volume'], (g, v, x) => g.set({ volume: v }, x.ratePerSecond)),
   };
   return metrics;
 }

@@ -1,8 +1,9 @@
 // `spillway profile` as a process (from dist/; run `npm run build` first) against a fake control
 // socket: a tiny HTTP server on a UNIX socket in a temp dir that implements the control routes of
-// docs/profiles.md with canned answers and records what it was asked. The fake stands in for the
-// edge because the edge's side of these routes is being wired at the same time as this command;
-// once it is, an end-to-end test against `spillway edge` belongs in test/edge/.
+// docs/profiles.md with canned answers and records what it was asked. The stand-in is here to
+// script what a real edge rarely says (409/500 answers, a missing file map, an edge that stops
+// a recording by itself); the same commands against a real `spillway edge` and a real VM run in
+// test/prefetch/boot-profile.test.ts.
 //
 // Covered: list (table, JSON, empty), show (per file, --ranges, --limit, no file map), record
 // --no-wait (the request body, durations parsed), record waiting until the edge stops it, record

@@ -10,7 +10,7 @@ import { ChunkSigner } from '../../link/signature.js';
 import type { LinkConnection } from '../../link/connection.js';
 import type { LinkMessage } from '../../link/codec.js';
 import { encodeMessage, creditCost } from '../../link/codec.js';
-import { LINK_ERR, PRIORITY, type Priority } from '../../link/protocol.js';
+import { LINK_ERR, PRIORITY } from '../../link/protocol.js';
 import { ChunkQueue, QueueFullError, TokenBucket, type ChunkJob } from '../../link/scheduler.js';
 import type { Logger } from '../../log/logger.js';
 import type { LocalVolume } from './volume.js';
@@ -65,8 +65,6 @@ class PeerSession {
   /** lower-class frames sent so far, and the count when each waiting demand job was queued. */
   backgroundSent = 0;
   readonly demandQueuedAt = new Map<string, number>();
-  /** the most lower-class frames sent while one demand chunk waited (ordering check). */
-  maxOvertaken = 0;
 
   constructor(readonly peer: string) {}
 
@@ -201,20 +199,9 @@ export class ChunkServer {
     }
   }
 
-  /** Push chunks the peer did not ask for (group push, prefetch plans, hydration). */
-  push(peer: string, volume: string, indices: Iterable<number>, priority: Priority): number {
-    const session = this.sessions.get(peer);
-    const handle = this.handles.get(volume);
-    if (!session || handle === undefined) return 0;
-    let n = 0;
-    for (const index of indices) if (session.queue.push({ handle, index, priority, pushed: true })) n++;
-    this.pump(session);
-    return n;
-  }
-
   stats(): Record<string, unknown> {
     return {
-      peers: [...this.sessions.values()].map((s) => ({ peer: s.peer, connections: s.conns.size, queued: s.queue.size, signaturesRemembered: s.sent.size, maxOvertaken: s.maxOvertaken })),
+      peers: [...this.sessions.values()].map((s) => ({ peer: s.peer, connections: s.conns.size, queued: s.queue.size, signaturesRemembered: s.sent.size })),
     };
   }
 
@@ -261,9 +248,7 @@ export class ChunkServer {
           const at = s.demandQueuedAt.get(key);
           if (at !== undefined) {
             s.demandQueuedAt.delete(key);
-            const overtaken = s.backgroundSent - at;
-            if (overtaken > s.maxOvertaken) s.maxOvertaken = overtaken;
-            this.metrics.overtaken.observe(overtaken);
+            this.metrics.overtaken.observe(s.backgroundSent - at);
           }
         } else {
           s.backgroundSent++;

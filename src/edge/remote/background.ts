@@ -6,7 +6,7 @@
 // the least seen (the path has room), and shrinks when latency rises (chunks are queueing).
 // Within the gate, prefetch goes before hydration.
 
-import { PRIORITY, type Priority } from '../../link/protocol.js';
+import type { Priority } from '../../link/protocol.js';
 
 export interface BackgroundGateOptions {
   /** fewest chunks in flight (default 1). */
@@ -127,6 +127,3 @@ export class BackgroundGate {
     }
   }
 }
-
-/** Which class a background fetch goes in (for logs and metrics). */
-export const BACKGROUND_CLASSES: readonly Priority[] = [PRIORITY.PREFETCH, PRIORITY.HYDRATION];

@@ -11,21 +11,10 @@ import type { FileMap } from '../../prefetch/file-map.js';
 import { planPrefetch } from '../../prefetch/planner.js';
 import { checkName, ProfileError, ProfileRecorder, ProfileStore, summarize, type Profile, type ProfileSummary } from '../../prefetch/profile.js';
 import type { ReadTap } from '../../prefetch/tap.js';
+import { EdgeRequestError } from '../control.js';
 import type { BackgroundGate } from './background.js';
 import { Prefetcher, type PrefetchStatus } from './prefetcher.js';
 import type { RemoteVolume } from './remote-volume.js';
-
-/** A control request that cannot be served, with the HTTP status to answer. */
-export class EdgeRequestError extends Error {
-  readonly code = 'SPW_ERR_EDGE_REQUEST';
-  constructor(
-    readonly status: number,
-    message: string,
-  ) {
-    super(message);
-    this.name = 'EdgeRequestError';
-  }
-}
 
 export interface RecordingStatus {
   name: string;
