@@ -207,13 +207,22 @@ export function controlCall<T = unknown>(stateDir: string, method: string, url: 
   });
 }
 
-/** Poll `fn` every 250 ms until it gives a truthy value; fail after `timeoutMs`. */
+/**
+ * Poll `fn` every 250 ms until it gives a truthy value; fail after `timeoutMs`. A throw counts
+ * as "not yet" (an edge's control socket appears a moment after its ports do); the last one is
+ * in the timeout's message.
+ */
 export async function until<T>(what: string, fn: () => Promise<T | undefined | false | null>, timeoutMs = 120_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
+  let last: unknown;
   for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? ` (last error: ${(last as Error).message})` : ''}`);
     await new Promise((r) => setTimeout(r, 250));
   }
 }
