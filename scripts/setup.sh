@@ -16,6 +16,9 @@ APT_PACKAGES=(
   openssl systemd curl
   # partition tables for the partition-table reader's tests (sfdisk, fdisk; sgdisk)
   fdisk gdisk
+  # the management service: PostgreSQL for the shared control plane (its tests start one),
+  # cloud-init NoCloud config drives (ISO 9660, volume label cidata)
+  postgresql genisoimage
 )
 
 missing=()
@@ -36,7 +39,11 @@ fi
 # npm ci only when the lock file changed since the last install.
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "setup: npm ci"
-  npm ci --no-fund --no-audit
+  # Native modules (better-sqlite3) build from source against the installed Node's headers:
+  # nothing is downloaded at install time, neither prebuilt binaries nor headers.
+  d="$(dirname "$(dirname "$(command -v node)")")"
+  [ -f "$d/include/node/node_api.h" ] && export npm_config_nodedir="$d"
+  npm_config_build_from_source=true npm ci --no-fund --no-audit
 else
   echo "setup: node_modules up to date"
 fi
