@@ -1,6 +1,6 @@
 # Spillway: one command for the demo, one for the whole test suite. Both install their own
 # apt and npm dependencies (scripts/setup.sh), idempotently.
-.PHONY: demo test deps build native lint typecheck unit bench bench-boot clean
+.PHONY: demo demo-edge test deps build native lint typecheck unit bench bench-boot clean
 
 NATIVE := build/Release/spillway_native.node
 # Build the addon against the installed Node's headers when the distribution ships them
@@ -9,6 +9,10 @@ NODEDIR ?= $(shell d=$$(dirname $$(dirname $$(command -v node))); [ -f $$d/inclu
 
 demo: build
 	bash scripts/demo.sh
+
+# The edge on its own, step by step (serve, NBD clients, a VM, two edges, write-back).
+demo-edge: build
+	bash scripts/demo-edge.sh
 
 test: build lint
 	node scripts/run-tests.mjs

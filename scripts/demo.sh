@@ -1,131 +1,158 @@
 #!/usr/bin/env bash
-# The main job, as far as it goes today: build a sample disk, serve it with `spillway serve`,
-# and show real NBD clients using it (nbdinfo, a map of its allocation, a write and read-back
-# with qemu-io, a full copy with nbdcopy checked with cmp), then boot a VM from it.
+# The main job (`make demo`): a running VM bursts to the cloud site while its disk stays at the
+# origin, writes there, and comes back with its writes.
+#   1. builds the sample guest (scripts/vm/build-vm.sh --guest) and a PKI;
+#   2. starts the on-prem edge, the WAN emulator (20 Mbit/s, 30 ms), the cloud edge (empty cache)
+#      and the management service, as daemons with pid files under .work/demo;
+#   3. starts the VM at the origin, then `spillway burst` with live progress;
+#   4. the VM writes a file in the cloud; `spillway bring-back`; the file is read at the origin;
+#   5. prints a summary with the API's URL and token. Everything keeps running for you to try;
+#      `bash scripts/demo.sh stop` stops it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPILLWAY="node dist/cli.js"
 WORK=.work/demo
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
-PORT=${SPILLWAY_DEMO_PORT:-10899}
-URI="nbd://127.0.0.1:$PORT/"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "1. A sample disk: a 256 MiB ext4 filesystem with a few files and free space"
-rm -rf "$WORK/tree" "$WORK/disk.img" "$WORK/copy.img"
-mkdir -p "$WORK/tree/etc" "$WORK/tree/data"
-printf 'PRETTY_NAME="Spillway demo"\nID=spillway\n' > "$WORK/tree/etc/os-release"
-head -c 8M /dev/urandom > "$WORK/tree/data/random.bin"
-awk 'BEGIN { for (i = 0; i < 120000; i++) print "compressible text line", i, "for the demo" }' > "$WORK/tree/data/text.txt"
-mkfs.ext4 -q -F -d "$WORK/tree" "$WORK/disk.img" 256M
-ls -ls "$WORK/disk.img"
-echo "   spillway analyze reads its filesystem (what later steps use to plan prefetch and adapt instances):"
-$SPILLWAY analyze --top 3 "$WORK/disk.img" | sed 's/^/   /'
+stop_all() {
+  # VMs first (they hold the edges' exports), then the service and the edges.
+  for d in "$WORK"/svc/vms/*/; do
+    [ -f "$d/qemu.pid" ] && kill -9 "$(cat "$d/qemu.pid")" 2>/dev/null || true
+  done
+  for p in service cloud-edge dc-edge wanem; do
+    if [ -f "$WORK/$p.pid" ]; then
+      pid=$(cat "$WORK/$p.pid")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+      rm -f "$WORK/$p.pid"
+    fi
+  done
+}
 
-say "2. spillway serve $WORK/disk.img on $URI"
-$SPILLWAY serve "$WORK/disk.img" --port "$PORT" --bind 127.0.0.1 --pid-file "$WORK/serve.pid" --description "demo disk" 2> "$WORK/serve.log" &
-SERVE=$!
-trap 'kill $SERVE 2>/dev/null || true; wait $SERVE 2>/dev/null || true' EXIT
-for _ in $(seq 100); do [ -s "$WORK/serve.pid" ] && break; sleep 0.1; done
-[ -s "$WORK/serve.pid" ] || { cat "$WORK/serve.log"; echo "demo: the server did not start" >&2; exit 1; }
-
-say "3. nbdinfo: what a client negotiates"
-nbdinfo "$URI"
-
-say "4. nbdinfo --map: allocation seen through NBD block status (base:allocation)"
-nbdinfo --map "$URI" > "$WORK/map.txt"
-head -12 "$WORK/map.txt"
-echo "   ... $(wc -l < "$WORK/map.txt") extents in all"
-
-say "5. qemu-io: write a pattern at 200 MiB, read it back and check it, then write zeroes"
-qemu-io -f raw -c 'write -P 0x5a 200M 1M' -c 'read -P 0x5a 200M 1M' -c 'write -z 201M 1M' -c 'read -P 0 201M 1M' "$URI"
-
-say "6. nbdcopy: copy the whole export out with 4 connections and compare with the file"
-start=$(date +%s.%N)
-nbdcopy --connections=4 "$URI" "$WORK/copy.img"
-end=$(date +%s.%N)
-cmp "$WORK/disk.img" "$WORK/copy.img" && echo "   copy is byte-identical to the served file ($(awk "BEGIN{printf \"%.2f\", $end-$start}") s)"
-
-if [ "${SPILLWAY_DEMO_VM:-1}" = 1 ] && [ -x scripts/vm/build-vm.sh ]; then
-  say "7. A VM boots with its root disk on the export (QEMU, TCG)"
-  bash scripts/vm/build-vm.sh .work/vm >/dev/null
-  cp .work/vm/root.img "$WORK/root.img"
-  kill $SERVE; wait $SERVE 2>/dev/null || true
-  $SPILLWAY serve "$WORK/root.img" --port "$PORT" --bind 127.0.0.1 2>> "$WORK/serve.log" &
-  SERVE=$!
-  for _ in $(seq 100); do nbdinfo "$URI" >/dev/null 2>&1 && break; sleep 0.1; done
-  timeout 300 qemu-system-x86_64 -nographic -no-reboot -m 256 -accel tcg -kernel .work/vm/vmlinuz -initrd .work/vm/initramfs.cpio.gz \
-    -append 'console=ttyS0 root=/dev/vda rw init=/init panic=-1 quiet spw.write=hello-from-the-demo' \
-    -drive "file=$URI,format=raw,if=virtio,cache=none" -nic none | sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' | grep -E 'SPILLWAY' || true
+if [ "${1:-}" = stop ]; then
+  stop_all
+  echo "demo: stopped"
+  exit 0
 fi
-kill $SERVE 2>/dev/null || true
-wait $SERVE 2>/dev/null || true
+stop_all
 
-say "8. Streaming: the disk stays at an on-prem edge; a cloud edge serves it over a 100 Mbit/s, 40 ms RTT link"
-S="$WORK/stream"
-rm -rf "$S"; mkdir -p "$S"
 freeport() { node -e 'const s = require("net").createServer().listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); })'; }
-LINK=$(freeport); WAN=$(freeport); NBD=$(freeport); MET=$(freeport)
-$SPILLWAY pki init --dir "$S/pki" >/dev/null
-$SPILLWAY pki issue --dir "$S/pki" onprem >/dev/null
-$SPILLWAY pki issue --dir "$S/pki" cloud >/dev/null
-cat > "$S/onprem.yaml" <<YAML
-site: onprem
-state: $S/state-onprem
-tls: { ca: $S/pki/ca.pem, cert: $S/pki/onprem.pem, key: $S/pki/onprem.key }
+# daemon NAME CMD...: start in its own session (survives this script), log and pid file in $WORK.
+daemon() {
+  local name=$1
+  shift
+  setsid "$@" > "$WORK/$name.log" 2>&1 < /dev/null &
+  echo $! > "$WORK/$name.pid"
+}
+wait_for() { # what, test command
+  local what=$1
+  shift
+  for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "demo: $what did not come up; its log:" >&2
+  tail -20 "$WORK/$what.log" >&2 || true
+  exit 1
+}
+link_bytes() { sleep 1.2; node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).bytes.targetToClient)' "$WORK/wanem.json"; }
+
+say "1. The sample VM (kernel, initramfs, ext4 root; it reads a cloud-init NoCloud drive) and a PKI"
+bash scripts/vm/build-vm.sh .work/vm-guest --guest > /dev/null
+rm -rf "$WORK/svc" "$WORK/dc-edge" "$WORK/cloud-edge" "$WORK/cache" "$WORK/pki" "$WORK/wanem.json"
+cp .work/vm-guest/root.img "$WORK/web-root.img"
+$SPILLWAY pki init --dir "$WORK/pki" > /dev/null
+for n in dc-edge cloud-edge; do $SPILLWAY pki issue --dir "$WORK/pki" "$n" > /dev/null; done
+echo "   root disk $WORK/web-root.img ($(du -h --apparent-size "$WORK/web-root.img" | cut -f1)); certificates in $WORK/pki"
+
+LINK=$(freeport); WAN=$(freeport); NBD=$(freeport); MET=$(freeport); API=${SPILLWAY_DEMO_API_PORT:-7080}
+cat > "$WORK/dc-edge.yaml" <<EOF
+site: dc
+name: dc-edge
+state: $WORK/dc-edge
+tls: { ca: $WORK/pki/ca.pem, cert: $WORK/pki/dc-edge.pem, key: $WORK/pki/dc-edge.key }
 link: { listen: "127.0.0.1:$LINK" }
-volumes: [ { name: demo, source: $WORK/disk.img } ]
-YAML
-cat > "$S/cloud.yaml" <<YAML
+EOF
+cat > "$WORK/cloud-edge.yaml" <<EOF
 site: cloud
-state: $S/state-cloud
-tls: { ca: $S/pki/ca.pem, cert: $S/pki/cloud.pem, key: $S/pki/cloud.key }
+name: cloud-edge
+state: $WORK/cloud-edge
+tls: { ca: $WORK/pki/ca.pem, cert: $WORK/pki/cloud-edge.pem, key: $WORK/pki/cloud-edge.key }
 nbd: { listen: "127.0.0.1:$NBD" }
 metrics: { listen: "127.0.0.1:$MET" }
-cache: { dir: $S/cache, size: 1GiB }
-peers: [ { name: onprem, address: "127.0.0.1:$WAN", connections: 2 } ]
-volumes: [ { name: demo, peer: onprem, writes: origin, rpo: 10s } ]
-YAML
-$SPILLWAY edge --config "$S/onprem.yaml" 2> "$S/onprem.log" &
-P1=$!
-$SPILLWAY wanem --listen "127.0.0.1:$WAN" --target "127.0.0.1:$LINK" --delay-ms 20 --rate-mbit 100 --stats-file "$S/wanem.json" 2> "$S/wanem.log" &
-P2=$!
-$SPILLWAY edge --config "$S/cloud.yaml" 2> "$S/cloud.log" &
-P3=$!
-trap 'kill $P1 $P2 $P3 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-CLOUD="nbd://127.0.0.1:$NBD/demo"
-for _ in $(seq 300); do nbdinfo --size "$CLOUD" >/dev/null 2>&1 && break; sleep 0.1; done
-nbdinfo --size "$CLOUD" >/dev/null || { tail -n 5 "$S"/*.log; echo "demo: the cloud edge did not export the volume" >&2; exit 1; }
-link_bytes() { sleep 1.2; node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).bytes.targetToClient)' "$S/wanem.json"; }
-t0=$(date +%s.%N); nbdcopy "$CLOUD" "$S/cold.img"; t1=$(date +%s.%N)
-cold=$(link_bytes)
-nbdcopy "$CLOUD" "$S/warm.img"; t2=$(date +%s.%N)
-warm=$(( $(link_bytes) - cold ))
-cmp "$WORK/disk.img" "$S/cold.img" && cmp "$WORK/disk.img" "$S/warm.img" && echo "   both reads are byte-identical to the disk at the on-prem edge"
-awk -v c="$cold" -v w="$warm" -v a="$t0" -v b="$t1" -v d="$t2" 'BEGIN {
-  printf "   cold read of 256 MiB: %.1f s, %.1f MiB crossed the link (%.0f%% of the disk: zeros and compressible data are cheap)\n", b-a, c/1048576, 100*c/268435456;
-  printf "   warm read from the encrypted cache: %.1f s, %d bytes crossed the link\n", d-b, w }'
-curl -s "http://127.0.0.1:$MET/metrics" | grep -E '^spillway_remote_chunk_reads_total' | sed 's/^/   /'
+cache: { dir: $WORK/cache, size: 1GiB }
+peers: [ { name: dc-edge, address: "127.0.0.1:$WAN" } ]
+EOF
+cat > "$WORK/control.yaml" <<EOF
+listen: 127.0.0.1:$API
+state: $WORK/svc
+inventory:
+  sites:
+    - { name: dc, kind: onprem, region: eu }
+    - { name: cloud, kind: cloud, region: eu, tags: [eu] }
+  edges:
+    - { name: dc-edge, site: dc, control: $WORK/dc-edge/control.sock, link: "127.0.0.1:$LINK" }
+    - { name: cloud-edge, site: cloud, control: $WORK/cloud-edge/control.sock, nbd: "127.0.0.1:$NBD" }
+  hosts:
+    - { name: dc-1, site: dc, vcpus: 8, ramMiB: 8192, edge: dc-edge }
+    - { name: cloud-1, site: cloud, vcpus: 16, ramMiB: 32768, edge: cloud-edge, pricePerHour: 0.42 }
+    - { name: cloud-2, site: cloud, vcpus: 16, ramMiB: 32768, edge: cloud-edge, pricePerHour: 0.55 }
+  instances:
+    - name: web
+      origin: dc
+      host: dc-1
+      spec: { kernel: $(pwd)/.work/vm-guest/vmlinuz, initrd: $(pwd)/.work/vm-guest/initramfs.cpio.gz, append: "console=ttyS0 root=/dev/vda rw init=/init panic=-1", memoryMiB: 256, vcpus: 1, mac: "52:54:00:d5:00:01" }
+      identity: { hostname: web, machineId: "5b11a7e0000040008000000000000001" }
+      volumes: [ { name: web-root, path: $WORK/web-root.img, family: web, policy: origin } ]
+EOF
 
-say "9. Write-back: the cloud instance writes; the writes reach the on-prem disk in crash-consistent epochs"
-qemu-io -f raw -c 'write -P 0x5a 1M 4M' -c 'write -P 0x5b 2M 64k' -c flush "$CLOUD" | grep -E '^wrote' | sed 's/^/   qemu-io: /'
-$SPILLWAY volume status demo --config "$S/cloud.yaml" | sed 's/^/   /'
-$SPILLWAY volume drain demo --config "$S/cloud.yaml" | sed 's/^/   /'
-python3 - "$WORK/disk.img" <<'PY'
-import sys
-with open(sys.argv[1], 'rb') as f:
-    f.seek(1 << 20); a = f.read(1 << 20); b = f.read(64 << 10); c = f.read((3 << 20) - (64 << 10))
-ok = a == b'\x5a' * len(a) and b == b'\x5b' * len(b) and c == b'\x5a' * len(c)
-print('   the on-prem disk holds both writes (the second overwrote part of the first):', 'yes' if ok else 'NO')
-sys.exit(0 if ok else 1)
-PY
-curl -s "http://127.0.0.1:$MET/metrics" | grep -E '^spillway_writeback_(epochs_total|shipped_bytes_total|guest_bytes_total)' | sed 's/^/   /'
-kill $P1 $P2 $P3 2>/dev/null || true
-wait 2>/dev/null || true
+say "2. On-prem edge, WAN emulator (20 Mbit/s, 30 ms each way), cloud edge, management service"
+daemon dc-edge $SPILLWAY edge --config "$WORK/dc-edge.yaml"
+wait_for dc-edge test -S "$WORK/dc-edge/control.sock"
+daemon wanem $SPILLWAY wanem --listen "127.0.0.1:$WAN" --target "127.0.0.1:$LINK" --delay-ms 30 --rate-mbit 20 --stats-file "$WORK/wanem.json"
+wait_for wanem bash -c "echo > /dev/tcp/127.0.0.1/$WAN"
+daemon cloud-edge $SPILLWAY edge --config "$WORK/cloud-edge.yaml"
+wait_for cloud-edge test -S "$WORK/cloud-edge/control.sock"
+daemon service $SPILLWAY service run --config "$WORK/control.yaml"
+wait_for service test -s "$WORK/svc/operator.token"
+export SPILLWAY_API="http://127.0.0.1:$API" SPILLWAY_TOKEN_FILE="$WORK/svc/operator.token"
+wait_for service curl -sf "$SPILLWAY_API/healthz"
+$SPILLWAY inventory hosts list
+
+say "3. The VM runs at its origin (dc-1, straight from its disk file)"
+$SPILLWAY workflow start start --input '{"instance":"web"}'
+
+say "4. Burst: stop it at the origin, stream its disk to the cloud edge, adapt, place, boot on cloud-1"
+BYTES0=$(link_bytes)
+$SPILLWAY burst web
+BURST=$($SPILLWAY workflow list --kind transfer --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);const l=(j.items??j);console.log(l[0].id)})')
+BYTES1=$(link_bytes)
+
+say "5. The VM writes in the cloud (typed on its serial console)"
+STAMP="written in the cloud at $(date -u +%FT%TZ)"
+$SPILLWAY vm exec "$WORK/svc/vms/web@cloud-1" -- "hostname; echo '$STAMP' > /data/hello.txt && sync && cat /data/hello.txt"
+
+say "6. Bring it back: stop, ship pending writes, snapshot the origin, undo adaptations, restart at dc-1"
+$SPILLWAY bring-back web
+BYTES2=$(link_bytes)
+
+say "7. At the origin, the file the VM wrote in the cloud"
+GOT=$($SPILLWAY vm exec "$WORK/svc/vms/web@dc-1" -- "cat /data/hello.txt")
+echo "   /data/hello.txt: $GOT"
+[ "$(echo "$GOT" | tr -d '\r')" = "$STAMP" ] || { echo "demo: the write did not come back" >&2; exit 1; }
 
 say "Summary"
-echo "   served $WORK/disk.img over NBD; nbdinfo, qemu-io, nbdcopy and a VM used it (log: $WORK/serve.log)"
-echo "   streamed it between two edges over mutual TLS through an emulated WAN (logs: $WORK/stream/*.log)"
-echo "   wrote through the cloud edge and shipped the writes back to the on-prem disk (spillway volume drain)"
-echo "   next: spillway serve --help, spillway edge --help, spillway volume --help, spillway profile --help, spillway analyze --help; docs/edge.md, docs/writeback.md, docs/profiles.md"
+$SPILLWAY workflow show "$BURST" --json | node -e '
+let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => {
+  const w = JSON.parse(s); const v = w.outputs.verify ?? {}; const p = w.outputs.place ?? {};
+  console.log(`   burst:          ${w.state}; host ${p.host} (${p.explanation})`);
+  console.log(`   boot in cloud:  guest ready ${((v.bootMs ?? 0) / 1000).toFixed(1)} s after QEMU started`);
+  console.log(`   chunk reads:    ${v.reads?.cache ?? 0} from the cache, ${v.reads?.link ?? 0} over the link`);
+});'
+echo "   link bytes:     $((BYTES1 - BYTES0)) during the burst ($(du -b "$WORK/web-root.img" | cut -f1) in the disk), $((BYTES2 - BYTES1)) for the bring-back"
+echo "   write:          '$STAMP' is on the origin disk"
+echo
+echo "   API:            $SPILLWAY_API   (OpenAPI: $SPILLWAY_API/openapi.json)"
+echo "   token:          export SPILLWAY_TOKEN_FILE=$WORK/svc/operator.token"
+echo "   try:            node dist/cli.js workflow list; node dist/cli.js clone web --name web-2"
+echo "   stop it all:    bash scripts/demo.sh stop"

@@ -197,6 +197,14 @@ export class OverlayDevice implements BlockDevice {
     return this.bitmap.count();
   }
 
+  /** The byte ranges the overlay owns (maximal runs of owned granules), in order: what a
+   *  flatten into the base must copy. */
+  ownedRanges(): Array<{ offset: number; length: number }> {
+    const out: Array<{ offset: number; length: number }> = [];
+    if (this.size > 0) this.forEachRun(0, this.size, (start, end, owned) => owned && out.push({ offset: start, length: end - start }));
+    return out;
+  }
+
   read(offset: number, buf: Buffer, opts?: IoOptions): Promise<void> {
     return this.run(opts, async () => {
       assertRange(this, offset, buf.length);

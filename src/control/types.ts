@@ -103,7 +103,7 @@ export interface ProfileRecord {
   createdAt: string;
 }
 
-export type WorkflowKind = 'transfer' | 'clone' | 'reverse' | 'migrate' | 'detach' | 'resize-edge' | 'live-migrate';
+export type WorkflowKind = 'transfer' | 'clone' | 'reverse' | 'migrate' | 'detach' | 'resize-edge' | 'live-migrate' | 'start' | 'stop';
 
 /**
  * pending → running → succeeded, or → failed (retry resumes, cancel rolls back),

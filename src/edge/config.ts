@@ -45,7 +45,7 @@ export function parseAddress(v: string, defaultHost = '0.0.0.0'): { host: string
   return { host: m[1] ?? (m[2] || defaultHost), port };
 }
 
-const size = z.union([z.number().int().nonnegative(), z.string()]).transform((v, ctx) => {
+export const size = z.union([z.number().int().nonnegative(), z.string()]).transform((v, ctx) => {
   try {
     return parseSize(v);
   } catch (e) {
@@ -53,7 +53,7 @@ const size = z.union([z.number().int().nonnegative(), z.string()]).transform((v,
     return z.NEVER;
   }
 });
-const duration = z.union([z.number().nonnegative(), z.string()]).transform((v, ctx) => {
+export const duration = z.union([z.number().nonnegative(), z.string()]).transform((v, ctx) => {
   try {
     return parseDuration(v);
   } catch (e) {
@@ -69,7 +69,13 @@ const address = z.string().transform((v, ctx) => {
     return z.NEVER;
   }
 });
-const name = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/, 'use letters, digits, ".", "_" and "-" (at most 63)');
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+export const name = z.string().regex(NAME_RE, 'use letters, digits, ".", "_" and "-" (at most 63)');
+
+/** A valid name of a site, edge, peer, volume or family: letters, digits, ".", "_", "-". */
+export function isValidName(s: string): boolean {
+  return NAME_RE.test(s);
+}
 
 const tlsFiles = z.strictObject({ ca: z.string(), cert: z.string(), key: z.string() });
 
@@ -82,6 +88,9 @@ const localVolume = z.strictObject({
   /** group push: when a chunk of a file is fetched, push the rest of the file, up to this many
    *  bytes per file (0 turns it off). */
   groupPush: size.default(4 * 1024 * 1024),
+  /** the source may be written directly by a running VM on this site (QEMU live migration): no
+   *  zero map and no lock; every chunk is read from the file when it is asked for. raw only. */
+  liveWriter: z.boolean().default(false),
 });
 
 const policy = z.enum(['remote-only', 'origin', 'write-through']);
@@ -171,6 +180,11 @@ export const edgeConfigSchema = z.strictObject({
   volumes: z.array(z.union([remoteVolume, localVolume])).default([]),
 });
 
+/** One `volumes:` entry of each role, for callers that take a single entry (the control
+ *  socket's POST /v1/volumes); checkVolumeEntry() adds the checks the schema cannot make. */
+export const localVolumeSchema = localVolume;
+export const remoteVolumeSchema = remoteVolume;
+
 export type EdgeConfig = z.infer<typeof edgeConfigSchema>;
 export type LocalVolumeEntry = z.infer<typeof localVolume>;
 export type RemoteVolumeEntry = z.infer<typeof remoteVolume>;
@@ -179,20 +193,25 @@ export function isRemoteVolume(v: LocalVolumeEntry | RemoteVolumeEntry): v is Re
   return 'peer' in v;
 }
 
-/** Parse and validate; relative paths become absolute against `baseDir`. */
-export function parseEdgeConfig(text: string, baseDir: string, source = 'config'): EdgeConfig {
+/** YAML text → a schema's value, or a ConfigError listing each path and what is wrong. */
+export function parseYamlConfig<T extends z.ZodType>(schema: T, text: string, source: string, what: string, doc: string): z.infer<T> {
   let raw: unknown;
   try {
     raw = YAML.parse(text);
   } catch (e) {
     throw new ConfigError(`${source}: not valid YAML: ${(e as Error).message}`);
   }
-  const r = edgeConfigSchema.safeParse(raw);
+  const r = schema.safeParse(raw);
   if (!r.success) {
     const lines = r.error.issues.map((i) => `  ${i.path.join('.') || '(top)'}: ${i.message}`);
-    throw new ConfigError(`${source} is not a valid edge configuration:\n${lines.join('\n')}\n(see docs/edge.md)`);
+    throw new ConfigError(`${source} is not ${what}:\n${lines.join('\n')}\n(see ${doc})`);
   }
-  const c = r.data;
+  return r.data;
+}
+
+/** Parse and validate; relative paths become absolute against `baseDir`. */
+export function parseEdgeConfig(text: string, baseDir: string, source = 'config'): EdgeConfig {
+  const c = parseYamlConfig(edgeConfigSchema, text, source, 'an edge configuration', 'docs/edge.md');
   const abs = (p: string) => path.resolve(baseDir, p);
   c.state = abs(c.state);
   c.tls = { ca: abs(c.tls.ca), cert: abs(c.tls.cert), key: abs(c.tls.key) };
@@ -200,25 +219,31 @@ export function parseEdgeConfig(text: string, baseDir: string, source = 'config'
   if (c.nbd.socket) c.nbd.socket = abs(c.nbd.socket);
   for (const v of c.volumes) if (isRemoteVolume(v) && v.hydrate) v.hydrate.path = abs(v.hydrate.path);
   if (c.nbd.tls) c.nbd.tls = { cert: abs(c.nbd.tls.cert), key: abs(c.nbd.tls.key), ca: c.nbd.tls.ca ? abs(c.nbd.tls.ca) : undefined };
-  const peers = new Set(c.peers.map((p) => p.name));
   const seen = new Set<string>();
   for (const v of c.volumes) {
     const key = `${isRemoteVolume(v) ? 'remote' : 'local'}:${v.name}`;
     if (seen.has(key)) throw new ConfigError(`${source}: volume "${v.name}" is listed twice`);
     seen.add(key);
-    if (isRemoteVolume(v)) {
-      if (!peers.has(v.peer)) throw new ConfigError(`${source}: volume "${v.name}" names peer "${v.peer}", which is not under peers:`);
-      if (!c.cache) throw new ConfigError(`${source}: volume "${v.name}" is served from a peer, so the edge needs a cache: section (dir, size)`);
-      if (v.rpo < 100) throw new ConfigError(`${source}: volume "${v.name}": rpo must be at least 100ms`);
-      if (v.epochMax < 1024 * 1024) throw new ConfigError(`${source}: volume "${v.name}": epochMax must be at least 1MiB`);
-      if (v.writes === 'read-only' && v.ranges.length > 0) throw new ConfigError(`${source}: volume "${v.name}" is read-only, so it cannot have write ranges`);
-    } else {
-      v.source = abs(v.source);
-      const cs = v.chunkSize;
-      if (cs < 4096 || cs > 1024 * 1024 || (cs & (cs - 1)) !== 0) throw new ConfigError(`${source}: volume "${v.name}": chunkSize must be a power of two between 4KiB and 1MiB`);
-    }
+    if (!isRemoteVolume(v)) v.source = abs(v.source);
+    checkVolumeEntry(v, c, source);
   }
   return c;
+}
+
+/** The checks of one volume entry that the schema cannot make (against the rest of the
+ *  configuration: its peers and cache). Throws ConfigError naming `source`. */
+export function checkVolumeEntry(v: LocalVolumeEntry | RemoteVolumeEntry, c: Pick<EdgeConfig, 'peers' | 'cache'>, source: string): void {
+  if (isRemoteVolume(v)) {
+    if (!c.peers.some((p) => p.name === v.peer)) throw new ConfigError(`${source}: volume "${v.name}" names peer "${v.peer}", which is not under peers:`);
+    if (!c.cache) throw new ConfigError(`${source}: volume "${v.name}" is served from a peer, so the edge needs a cache: section (dir, size)`);
+    if (v.rpo < 100) throw new ConfigError(`${source}: volume "${v.name}": rpo must be at least 100ms`);
+    if (v.epochMax < 1024 * 1024) throw new ConfigError(`${source}: volume "${v.name}": epochMax must be at least 1MiB`);
+    if (v.writes === 'read-only' && v.ranges.length > 0) throw new ConfigError(`${source}: volume "${v.name}" is read-only, so it cannot have write ranges`);
+  } else {
+    const cs = v.chunkSize;
+    if (cs < 4096 || cs > 1024 * 1024 || (cs & (cs - 1)) !== 0) throw new ConfigError(`${source}: volume "${v.name}": chunkSize must be a power of two between 4KiB and 1MiB`);
+    if (v.liveWriter && v.format !== 'raw') throw new ConfigError(`${source}: volume "${v.name}": liveWriter needs format raw (qemu-nbd would cache a ${v.format} image's metadata while the VM changes it)`);
+  }
 }
 
 export function loadEdgeConfig(file: string): EdgeConfig {

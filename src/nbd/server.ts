@@ -182,6 +182,24 @@ export class NbdServer extends EventEmitter {
     return this.connections.size;
   }
 
+  /** Connections on export `name`: negotiation chose it (GO or EXPORT_NAME). */
+  connectionsTo(name: string): number {
+    let n = 0;
+    for (const c of this.connections) if (c.exportName === name) n++;
+    return n;
+  }
+
+  /**
+   * Close every connection in transmission on export `name` like close() does for all: requests
+   * that arrive from now on get ESHUTDOWN, those in flight finish (bounded by `graceMs`), then
+   * the connection closes. Remove the export first, or clients may connect again.
+   */
+  async disconnectExport(name: string, graceMs = 5000): Promise<number> {
+    const conns = [...this.connections].filter((c) => c.exportName === name);
+    await Promise.all(conns.map((c) => c.shutdown(graceMs)));
+    return conns.length;
+  }
+
   get isStopping(): boolean {
     return this.stopping;
   }
@@ -224,6 +242,8 @@ class Connection {
   private idle: Promise<void> = Promise.resolve();
   private idleResolve: (() => void) | null = null;
   private shuttingDown = false;
+  /** the export this connection transmits on, once negotiation chose one (GO or EXPORT_NAME). */
+  exportName: string | null = null;
 
   constructor(
     private readonly server: NbdServer,
@@ -449,6 +469,8 @@ class Connection {
   }
 
   private activate(exp: NbdExport): ActiveExport {
+    // Counted from the moment the client has the export (the reply may still be in flight).
+    this.exportName = exp.name;
     const flags = this.transmissionFlags(exp.device);
     const c = exp.device.capabilities;
     const metaMatches = this.meta !== null && this.meta.baseAllocation && this.server.findExport(this.meta.exportName) === exp;

@@ -24,6 +24,9 @@ export interface TwoSites {
   /** the edges' configuration files (for `spillway volume … --config`). */
   onpremYaml: string;
   cloudYaml: string;
+  /** the edges' state directories (control.sock, volumes.d, overlays …). */
+  onpremState: string;
+  cloudState: string;
   metricsUrl: string;
   onprem: Proc;
   cloud: Proc;
@@ -60,6 +63,9 @@ export interface TwoSitesOptions {
   cloudVolume?: string;
   /** YAML appended to the cloud edge's file (top-level keys it does not set yet). */
   cloudExtra?: string;
+  /** the cloud edge starts without a volume (volumes are added through its control socket);
+   *  then startTwoSites does not wait for an export. */
+  cloudNoVolume?: boolean;
   /** keys added to the on-prem edge's volume entry, in flow style ("groupPush: 0"). */
   onpremVolume?: string;
   /** YAML appended to the on-prem edge's file (e.g. "metrics: { listen: … }"). */
@@ -102,12 +108,16 @@ nbd: { listen: "127.0.0.1:${nbdPort}" }
 metrics: { listen: "127.0.0.1:${metricsPort}" }
 ${o.window === undefined ? '' : `link: { window: ${o.window} }\n`}cache: { dir: ${dir}/cache, size: ${o.cacheSize ?? '2GiB'} }
 peers: [ { name: onprem, address: "127.0.0.1:${wanPort}", connections: ${o.connections ?? 2} } ]
-volumes:
-  - { name: ${volume}, peer: onprem, ioTimeout: ${o.ioTimeout ?? '120s'}${o.readAhead === undefined ? '' : `, readAhead: ${o.readAhead}`}${o.cloudVolume ? `, ${o.cloudVolume}` : ''} }
+${
+  o.cloudNoVolume
+    ? 'volumes: []'
+    : `volumes:
+  - { name: ${volume}, peer: onprem, ioTimeout: ${o.ioTimeout ?? '120s'}${o.readAhead === undefined ? '' : `, readAhead: ${o.readAhead}`}${o.cloudVolume ? `, ${o.cloudVolume}` : ''} }`
+}
 ${o.cloudExtra ?? ''}`,
   );
   const statsFile = path.join(dir, 'wanem.json');
-  const sites: Partial<TwoSites> & { dir: string } = { dir, image, nbdPort, onpremYaml, cloudYaml };
+  const sites: Partial<TwoSites> & { dir: string } = { dir, image, nbdPort, onpremYaml, cloudYaml, onpremState: `${dir}/state-onprem`, cloudState: `${dir}/state-cloud` };
   const wanOpts = o.wan ?? {};
   sites.startWanem = async (w: WanOptions = wanOpts) => {
     const p = startProc(process.execPath, [cli, 'wanem', '--listen', `127.0.0.1:${wanPort}`, '--target', `127.0.0.1:${linkPort}`, '--delay-ms', String(w.delayMs ?? 0), '--rate-mbit', String(w.rateMbit ?? 0), '--stats-file', statsFile, ...(w.extra ?? [])]);
@@ -154,7 +164,7 @@ ${o.cloudExtra ?? ''}`,
     await sites.startOnprem();
     await sites.startWanem();
     await sites.startCloud();
-    await waitForExport(sites.uri());
+    if (!o.cloudNoVolume) await waitForExport(sites.uri());
   } catch (e) {
     await sites.stop();
     throw e;

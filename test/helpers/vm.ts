@@ -10,6 +10,8 @@ import { ROOT, haveCommand, run, startProc } from './proc.js';
 /** Where ensureVmImages() builds by default (gitignored); SPILLWAY_VM_DIR overrides it. */
 export const VM_CACHE_DIR = process.env.SPILLWAY_VM_DIR ?? path.join(ROOT, '.work', 'vm');
 export const VM_BUILD_SCRIPT = path.join(ROOT, 'scripts', 'vm', 'build-vm.sh');
+/** Where ensureGuestImages() builds by default (gitignored); SPILLWAY_GUEST_DIR overrides it. */
+export const GUEST_CACHE_DIR = process.env.SPILLWAY_GUEST_DIR ?? path.join(ROOT, '.work', 'vm-guest');
 
 /** Marker lines the guest prints, each alone on a line. */
 export const VM_MARKER = {
@@ -44,18 +46,55 @@ const builds = new Map<string, Promise<VmImages>>();
  * takes a lock, so test files running in parallel processes share one cache directory safely.
  */
 export function ensureVmImages(dir: string = VM_CACHE_DIR): Promise<VmImages> {
+  return cachedBuild(dir, []);
+}
+
+/**
+ * The long-running sample guest (build-vm.sh --guest, docs/vm-images.md), built like
+ * ensureVmImages into its own directory. Boot it with GUEST_APPEND; it never powers off.
+ */
+export function ensureGuestImages(dir: string = GUEST_CACHE_DIR): Promise<VmImages> {
+  return cachedBuild(dir, ['--guest']);
+}
+
+/** Kernel command line of the sample guest. */
+export const GUEST_APPEND = 'console=ttyS0 root=/dev/vda rw init=/init panic=-1';
+
+/** Marker lines of the sample guest. */
+export const GUEST_MARKER = {
+  /** `SPILLWAY-GUEST hostname=H machine-id=M mac=MAC boot-id=B` */
+  identity: 'SPILLWAY-GUEST',
+  /** The counter runs and the console shell starts. */
+  ready: 'SPILLWAY-GUEST-READY',
+} as const;
+
+export interface GuestIdentity {
+  hostname: string;
+  machineId: string;
+  mac: string;
+  bootId: string;
+}
+
+/** Parse the guest's identity line (SPILLWAY-GUEST key=value ...); undefined if it is not one. */
+export function parseGuestIdentity(line: string): GuestIdentity | undefined {
+  const m = /^SPILLWAY-GUEST hostname=(\S+) machine-id=(\S+) mac=(\S+) boot-id=(\S+)$/.exec(line.trim());
+  if (!m) return undefined;
+  return { hostname: m[1] as string, machineId: m[2] as string, mac: m[3] as string, bootId: m[4] as string };
+}
+
+function cachedBuild(dir: string, flags: string[]): Promise<VmImages> {
   const key = path.resolve(dir);
   let p = builds.get(key);
   if (!p) {
-    p = buildVmImages(key);
+    p = buildVmImages(key, flags);
     builds.set(key, p);
     p.catch(() => builds.delete(key));
   }
   return p;
 }
 
-async function buildVmImages(dir: string): Promise<VmImages> {
-  await run('bash', [VM_BUILD_SCRIPT, dir]);
+async function buildVmImages(dir: string, flags: string[]): Promise<VmImages> {
+  await run('bash', [VM_BUILD_SCRIPT, dir, ...flags]);
   const images: VmImages = {
     dir,
     kernel: path.join(dir, 'vmlinuz'),

@@ -17,8 +17,8 @@ import type { LocalVolume } from './volume.js';
 import { localMetrics } from './metrics.js';
 
 export interface ChunkServerOptions {
-  /** volumes this edge owns, by name. */
-  volumes: Map<string, LocalVolume>;
+  /** volumes this edge owns at start, by name (more come with register()). */
+  volumes?: Map<string, LocalVolume>;
   /** bytes/s for chunk data to all peers (0 = unlimited). */
   rateBytes?: number;
   /** chunks read and encoded ahead of the sockets. */
@@ -60,6 +60,8 @@ class PeerSession {
   readonly ready: Prepared[][] = [[], [], [], []];
   preparing = 0;
   pumping = false;
+  /** volume handles this peer opened in this session. */
+  readonly opened = new Set<number>();
   /** per volume handle: chunks answered or pushed in this session (never group-pushed again). */
   readonly delivered = new Map<number, Uint8Array>();
   /** lower-class frames sent so far, and the count when each waiting demand job was queued. */
@@ -84,26 +86,60 @@ export class ChunkServer {
   private readonly sessions = new Map<string, PeerSession>();
   private readonly byHandle = new Map<number, VolumeEntry>();
   private readonly handles = new Map<string, number>();
+  /** handles are never reused in one process: a peer holding an old one gets UNKNOWN_VOLUME. */
+  private nextHandle = 1;
   private readonly bucket: TokenBucket;
   private readonly prepareAhead: number;
   private readonly rememberSignatures: number;
   private readonly metrics = localMetrics();
 
   constructor(private readonly opts: ChunkServerOptions) {
-    let h = 1;
-    for (const [name, volume] of opts.volumes) {
-      this.byHandle.set(h, { volume, signer: new ChunkSigner(deriveKeys(volume.dataKey).signKey) });
-      this.handles.set(name, h++);
-    }
+    for (const [name, volume] of opts.volumes ?? []) this.register(name, volume);
     const rate = opts.rateBytes ?? 0;
     this.bucket = new TokenBucket(rate, Math.max(256 * 1024, rate / 20));
     this.prepareAhead = opts.prepareAhead ?? 8;
     this.rememberSignatures = opts.rememberSignatures ?? 1 << 20;
   }
 
-  /** The handle peers use for a volume (stable for the life of this process). */
+  /** The handle peers use for a volume (stable while it stays registered). */
   handleOf(volume: string): number | undefined {
     return this.handles.get(volume);
+  }
+
+  /** Serve a volume to peers (at start, or added while running); returns its handle. */
+  register(name: string, volume: LocalVolume): number {
+    if (this.handles.has(name)) throw new Error(`volume ${name} is already registered`);
+    const h = this.nextHandle++;
+    this.byHandle.set(h, { volume, signer: new ChunkSigner(deriveKeys(volume.dataKey).signKey) });
+    this.handles.set(name, h);
+    return h;
+  }
+
+  /**
+   * Stop serving a volume: its queued and prepared chunks are dropped, and later requests for
+   * its handle are answered UNKNOWN_VOLUME. Chunks being read at this moment may still go out.
+   */
+  unregister(name: string): void {
+    const h = this.handles.get(name);
+    if (h === undefined) return;
+    const entry = this.byHandle.get(h);
+    this.handles.delete(name);
+    this.byHandle.delete(h);
+    for (const s of this.sessions.values()) {
+      if (entry) for (const p of [0, 1, 2, 3] as const) s.queue.cancel(h, p, [{ start: 0, count: entry.volume.chunkCount }]);
+      for (let p = 0; p < s.ready.length; p++) s.ready[p] = s.ready[p]!.filter((x) => x.job.handle !== h);
+      s.delivered.delete(h);
+      s.opened.delete(h);
+      for (const k of [...s.forceData]) if (k.startsWith(`${h}:`)) s.forceData.delete(k);
+      for (const k of [...s.demandQueuedAt.keys()]) if (k.startsWith(`${h}:`)) s.demandQueuedAt.delete(k);
+    }
+  }
+
+  /** Peers connected now that opened the volume in their current session. */
+  openedBy(name: string): string[] {
+    const h = this.handles.get(name);
+    if (h === undefined) return [];
+    return [...this.sessions.values()].filter((s) => s.opened.has(h)).map((s) => s.peer);
   }
 
   setRate(bytesPerSecond: number): void {
@@ -141,6 +177,7 @@ export class ChunkServer {
           return;
         }
         const v = entry.volume;
+        session.opened.add(handle);
         conn.send({ type: 'opened', reqId: msg.reqId, volume: v.name, handle, size: v.size, chunkSize: v.chunkSize, family: v.family, dataKey: v.dataKey });
         this.opts.log('info', 'volume opened by peer', { peer, volume: v.name });
         return;

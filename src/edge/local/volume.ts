@@ -25,6 +25,13 @@ export interface LocalVolumeConfig {
   chunkSize: number;
   /** volumes of one family (a base and its clones) share a data key and cached content. */
   family?: string;
+  /**
+   * A running VM on this site writes the source directly (QEMU live migration: the source VM
+   * keeps running on its own disk file while a remote edge already serves the volume). Then
+   * the volume keeps no zero map (every chunk is read from the file when asked for) and takes
+   * no lock (the VM holds the image). raw only: qemu-nbd would cache a format's metadata.
+   */
+  liveWriter?: boolean;
 }
 
 export class VolumeError extends Error {
@@ -67,6 +74,8 @@ export class LocalVolume {
     private readonly zeroMap: Uint8Array,
     private readonly helper: ChildProcess | null,
     private readonly cleanup: string | null,
+    /** written by a VM while open: nothing about its contents is remembered (no zero map). */
+    readonly liveWriter: boolean,
   ) {}
 
   get size(): number {
@@ -79,6 +88,7 @@ export class LocalVolume {
 
   /** The chunk is known to read as zeroes without reading it (a hole or zero extent). */
   isZeroChunk(index: number): boolean {
+    if (this.liveWriter) return false;
     return (this.zeroMap[index >> 3]! & (1 << (index & 7))) !== 0;
   }
 
@@ -92,7 +102,7 @@ export class LocalVolume {
 
   /** Data may land in [offset, offset + length): those chunks are no longer known zero. */
   markWritten(offset: number, length: number): void {
-    if (length === 0) return;
+    if (length === 0 || this.liveWriter) return;
     const first = Math.floor(offset / this.chunkSize);
     const last = Math.floor((offset + length - 1) / this.chunkSize);
     for (let c = first; c <= last; c++) this.zeroMap[c >> 3] = this.zeroMap[c >> 3]! & ~(1 << (c & 7));
@@ -121,6 +131,8 @@ export class LocalVolume {
     const family = cfg.family ?? cfg.name;
     const dataKey = await familyKey(ctx.stateDir, family);
     const format = cfg.format ?? 'raw';
+    const liveWriter = cfg.liveWriter ?? false;
+    if (liveWriter && format !== 'raw') throw new VolumeError('SPW_ERR_VOLUME_CONFIG', `volume ${cfg.name}: liveWriter needs a raw source (qemu-nbd would cache the ${format} image's metadata while the VM changes it)`);
     let device: BlockDevice;
     let rw: BlockDevice;
     let helper: ChildProcess | null = null;
@@ -128,8 +140,9 @@ export class LocalVolume {
     if (format === 'raw') {
       try {
         // Read-write fd so the lock can be exclusive (F_WRLCK): QEMU's read locks on the
-        // image's permission bytes then fail, so no VM opens the disk while we own it.
-        rw = await FileDevice.open(cfg.source, { readonly: false, lock: true });
+        // image's permission bytes then fail, so no VM opens the disk while we own it. A live
+        // writer's VM holds the image already: no lock, which is the point of the option.
+        rw = await FileDevice.open(cfg.source, { readonly: false, lock: !liveWriter });
         device = new ReadOnlyDevice(rw);
       } catch (err) {
         throw new VolumeError('SPW_ERR_VOLUME_OPEN', `volume ${cfg.name}: cannot open ${cfg.source}: ${(err as Error).message}`, { cause: err });
@@ -167,9 +180,10 @@ export class LocalVolume {
       }
       cleanup = sock;
     }
-    const zeroMap = await buildZeroMap(device, cfg.chunkSize);
-    const vol = new LocalVolume(cfg.name, family, cfg.chunkSize, dataKey, device, rw, zeroMap, helper, cleanup);
-    ctx.log('info', 'volume registered', { volume: cfg.name, source: cfg.source, format, size: vol.size, chunks: vol.chunkCount, zeroChunks: vol.zeroChunks, family });
+    // A live writer's holes fill while we serve: a map made now would answer stale zeroes.
+    const zeroMap = liveWriter ? new Uint8Array(0) : await buildZeroMap(device, cfg.chunkSize);
+    const vol = new LocalVolume(cfg.name, family, cfg.chunkSize, dataKey, device, rw, zeroMap, helper, cleanup, liveWriter);
+    ctx.log('info', 'volume registered', { volume: cfg.name, source: cfg.source, format, size: vol.size, chunks: vol.chunkCount, zeroChunks: vol.zeroChunks, family, liveWriter });
     return vol;
   }
 

@@ -7,7 +7,7 @@
 
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 
 import { DATA_KEY_SIZE } from '../../link/protocol.js';
@@ -55,6 +55,12 @@ export class KeyStore {
     const key = Buffer.concat([c.update(dataKey), c.final()]);
     const sealed: Sealed = { version: 1, info, iv: iv.toString('base64'), tag: c.getAuthTag().toString('base64'), key: key.toString('base64') };
     await replaceFileDurably(this.file(volume), Buffer.from(JSON.stringify(sealed) + '\n'), 0o600);
+  }
+
+  /** Forget the key of a volume that is removed from this edge. */
+  async delete(volume: string): Promise<void> {
+    await rm(this.file(volume), { force: true });
+    await rm(`${this.file(volume)}.tmp`, { force: true });
   }
 
   /** The stored geometry and key of `volume`, or null when none is stored. */

@@ -245,6 +245,16 @@ export class VolumeProfiles {
     return prefetcher.status();
   }
 
+  /** The volume leaves the edge: stop its plan, save what it was recording, forget it. */
+  async detach(exportName: string): Promise<void> {
+    const s = this.volumes.get(exportName);
+    if (!s) return;
+    s.prefetcher?.stop();
+    s.prefetchUnlisten?.();
+    if (s.recording) await this.stopRecording(exportName).catch((err: Error) => this.log('warn', 'profile not saved when the volume was removed', { volume: exportName, err: err.message }));
+    this.volumes.delete(exportName);
+  }
+
   /** Stop plans; save what is being recorded. */
   async close(): Promise<void> {
     for (const [name, s] of this.volumes) {

@@ -63,8 +63,10 @@ export class RemoteVolume {
     private readonly cache: SecureCache,
     private readonly opts: { ioTimeoutMs: number; log: Logger; onOpened?: (info: RemoteVolumeInfo, dataKey: Buffer) => void },
   ) {
-    peer.on('connection', () => void this.onReconnect());
+    peer.on('connection', this.onConnection);
   }
+
+  private readonly onConnection = (): void => void this.onReconnect();
 
   /** OPEN over the link, waiting for the peer up to the I/O timeout. */
   async open(signal?: AbortSignal): Promise<RemoteVolumeInfo> {
@@ -265,6 +267,7 @@ export class RemoteVolume {
 
   close(): void {
     this.closed = true;
+    this.peer.off('connection', this.onConnection);
     for (const [, p] of this.pending) {
       for (const w of p.waiters) {
         clearTimeout(w.timer);
