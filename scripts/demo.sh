@@ -55,7 +55,8 @@ wait_for() { # what, test command
   tail -20 "$WORK/$what.log" >&2 || true
   exit 1
 }
-link_bytes() { sleep 1.2; node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).bytes.targetToClient)' "$WORK/wanem.json"; }
+# link_bytes DIRECTION: bytes the WAN relay carried so far (targetToClient: origin → cloud).
+link_bytes() { sleep 1.2; node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).bytes[process.argv[2]])' "$WORK/wanem.json" "${1:-targetToClient}"; }
 
 say "1. The sample VM (kernel, initramfs, ext4 root; it reads a cloud-init NoCloud drive) and a PKI"
 bash scripts/vm/build-vm.sh .work/vm-guest --guest > /dev/null
@@ -127,6 +128,7 @@ BYTES0=$(link_bytes)
 $SPILLWAY burst web
 BURST=$($SPILLWAY workflow list --kind transfer --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const j=JSON.parse(s);const l=(j.items??j);console.log(l[0].id)})')
 BYTES1=$(link_bytes)
+UP1=$(link_bytes clientToTarget)
 
 say "5. The VM writes in the cloud (typed on its serial console)"
 STAMP="written in the cloud at $(date -u +%FT%TZ)"
@@ -134,7 +136,7 @@ $SPILLWAY vm exec "$WORK/svc/vms/web@cloud-1" -- "hostname; echo '$STAMP' > /dat
 
 say "6. Bring it back: stop, ship pending writes, snapshot the origin, undo adaptations, restart at dc-1"
 $SPILLWAY bring-back web
-BYTES2=$(link_bytes)
+UP2=$(link_bytes clientToTarget)
 
 say "7. At the origin, the file the VM wrote in the cloud"
 GOT=$($SPILLWAY vm exec "$WORK/svc/vms/web@dc-1" -- "cat /data/hello.txt")
@@ -149,7 +151,7 @@ let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => {
   console.log(`   boot in cloud:  guest ready ${((v.bootMs ?? 0) / 1000).toFixed(1)} s after QEMU started`);
   console.log(`   chunk reads:    ${v.reads?.cache ?? 0} from the cache, ${v.reads?.link ?? 0} over the link`);
 });'
-echo "   link bytes:     $((BYTES1 - BYTES0)) during the burst ($(du -b "$WORK/web-root.img" | cut -f1) in the disk), $((BYTES2 - BYTES1)) for the bring-back"
+echo "   link bytes:     $((BYTES1 - BYTES0)) to the cloud during the burst (the disk is $(du -b "$WORK/web-root.img" | cut -f1)); $((UP2 - UP1)) back to the origin for the bring-back (the VM's writes)"
 echo "   write:          '$STAMP' is on the origin disk"
 echo
 echo "   API:            $SPILLWAY_API   (OpenAPI: $SPILLWAY_API/openapi.json)"

@@ -313,6 +313,8 @@ guest_rootfs() {
   mkdir -p "$ROOT_DIR"/{dev,proc,sys,tmp,run,etc,data}
   chmod 1777 "$ROOT_DIR/tmp" "$ROOT_DIR/data"
   echo spillway-guest > "$ROOT_DIR/etc/hostname"
+  # What `spillway analyze` and the management service's analyse step report as the OS.
+  printf 'PRETTY_NAME="Spillway sample guest (busybox)"\nNAME="Spillway sample guest"\nID=spillway-guest\nVERSION_ID=1\n' > "$ROOT_DIR/etc/os-release"
   printf '%s' spillway-guest | md5sum | cut -d' ' -f1 > "$ROOT_DIR/etc/machine-id"
 
   cat > "$ROOT_DIR/init" <<'INIT'

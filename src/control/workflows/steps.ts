@@ -124,6 +124,7 @@ export function adaptStep(c: ControlContext, plan: CloudPlan): StepDef {
       await subdir(c, 'drives');
       await ctx.audit('config-drive.write', { file, instance: inst.name });
       await c.compute.configDrive(file, { instanceId: id.instanceId, hostname: id.hostname, userData, networkConfig });
+      ctx.progress(1, `config drive ${path.basename(file)}: ${adaptations.map((a) => a.what).join('; ')}`);
       return { drive: file, adaptations };
     },
     undo: async (ctx) => {
