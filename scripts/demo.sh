@@ -121,7 +121,7 @@ wait_for service curl -sf "$SPILLWAY_API/healthz"
 $SPILLWAY inventory hosts list
 
 say "3. The VM runs at its origin (dc-1, straight from its disk file)"
-$SPILLWAY workflow start start --input '{"instance":"web"}'
+$SPILLWAY start web
 
 say "4. Burst: stop it at the origin, stream its disk to the cloud edge, adapt, place, boot on cloud-1"
 BYTES0=$(link_bytes)

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { buildConfigDrive } from '../compute/qemu/config-drive.js';
 import { QemuVm, type QemuDiskSpec } from '../compute/qemu/vm.js';
 import type { Logger } from '../log/logger.js';
-import type { Compute, GuestReady, MigrationProgress, VmLaunch } from './compute.js';
+import type { Compute, GuestReady, MigrationProgress, VmLaunch, VmStats } from './compute.js';
 import type { Host } from './types.js';
 import { InvalidInputError } from './types.js';
 
@@ -95,6 +95,21 @@ export class LocalCompute implements Compute {
     try {
       const r = await vm.exec(cmd, { timeoutMs });
       return { output: r.output, code: r.exitCode };
+    } finally {
+      await vm.detach();
+    }
+  }
+
+  async stats(instance: string, host: Host): Promise<VmStats> {
+    const vm = await QemuVm.attach(this.dirOf(instance, host));
+    try {
+      const [st, cpu, disks] = [await vm.status(), await vm.cpuStats(), await vm.blockStats()];
+      return {
+        status: st.status,
+        pid: st.pid,
+        cpu: { processMs: cpu.processCpuMs, vcpus: cpu.vcpus.map((v) => ({ index: v.index, ms: v.cpuMs })) },
+        disks: disks.map((d) => ({ device: d.device, readBytes: d.rdBytes, writtenBytes: d.wrBytes, reads: d.rdOperations, writes: d.wrOperations, flushes: d.flushOperations })),
+      };
     } finally {
       await vm.detach();
     }

@@ -39,6 +39,13 @@ export interface MigrationProgress {
   remainingBytes: number;
 }
 
+export interface VmStats {
+  status: string;
+  pid: number;
+  cpu: { processMs: number; vcpus: Array<{ index: number; ms?: number }> };
+  disks: Array<{ device: string; readBytes: number; writtenBytes: number; reads: number; writes: number; flushes: number }>;
+}
+
 export interface Compute {
   /** Start the VM; when it already runs there, nothing happens. */
   start(l: VmLaunch): Promise<void>;
@@ -53,6 +60,8 @@ export interface Compute {
   snapshotDisk(instance: string, host: Host, dest: string): Promise<void>;
   /** Live-migrate RAM and CPU state from one host's VM to the other's (started with incoming). */
   migrate(instance: string, from: Host, to: Host, onProgress: (p: MigrationProgress) => void, signal?: AbortSignal): Promise<void>;
+  /** Run state, CPU time and per-disk I/O counters (QMP query-status/blockstats/cpus-fast). */
+  stats(instance: string, host: Host): Promise<VmStats>;
   /** Where the provider keeps this VM's files. */
   dirOf(instance: string, host: Host): string;
   /** A NoCloud config drive (ISO) with these contents, written to `file`. */

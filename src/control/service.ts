@@ -13,6 +13,7 @@ import type { ControlConfig } from './config.js';
 import { LocalCompute } from './compute-local.js';
 import { openStore } from './db/index.js';
 import { EdgeGateway } from './edges.js';
+import { statsRoute } from './stats-route.js';
 import { Engine } from './engine/index.js';
 import type { Store } from './types.js';
 import { allWorkflows } from './workflows/index.js';
@@ -63,7 +64,7 @@ export async function startControlService(c: ControlConfig, log: Logger): Promis
     // own workflows at once instead of waiting for their leases to expire.
     engine = new Engine({ store, log: log.child('engine'), owner: `${hostname()}:${c.listen}` });
     for (const def of allWorkflows({ store, edges, compute, dir: c.state, log: log.child('workflow'), bootTimeoutMs: c.bootTimeout })) engine.register(def);
-    api = await startApi({ listen: c.listen, store, engine, version: VERSION, log: log.child('api') });
+    api = await startApi({ listen: c.listen, store, engine, version: VERSION, log: log.child('api'), extraRoutes: [statsRoute(store, compute)] });
     await engine.resumeAll();
     log('info', 'management service listening', { url: api.url, database: c.database!.startsWith('sqlite:') ? c.database : 'postgres', state: c.state });
     const e = engine;

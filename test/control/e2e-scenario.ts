@@ -103,6 +103,11 @@ export async function runScenario(t: TestContext, database: string | undefined):
       assert.deepEqual([id.hostname, id.machineId], [origin!.hostname, origin!.machineId]);
       assert.equal(id.mac, i.spec.mac);
       log(`transfer: ${(await lab.linkBytes()) - before} link bytes; verify: ${JSON.stringify(done.outputs.verify)}`);
+      // QEMU's own figures through the API: the guest read its root disk from the cloud edge.
+      const st = await lab.call<{ status: string; host: string; disks: Array<{ device: string; readBytes: number }> }>('GET', '/v1/instances/web/stats');
+      assert.equal(st.status, 200, JSON.stringify(st.body));
+      assert.equal(st.body.status, 'running');
+      assert.ok(st.body.disks.some((d) => d.readBytes > 0), JSON.stringify(st.body));
       await lab.exec('web', 'cloud-1', `echo ${nonce} > /data/burst.txt && sync`);
     });
 
@@ -130,6 +135,7 @@ export async function runScenario(t: TestContext, database: string | undefined):
       assert.equal(g1.machineId, c1.identity.machineId);
       assert.ok(b2 - b1 < (b1 - b0) / 2, `the second clone fetched ${b2 - b1} bytes, the first ${b1 - b0}`);
       for (const n of ['app-c1', 'app-c2']) assert.equal((await lab.wait((await lab.start('stop', { instance: n })).id)).state, 'succeeded');
+      assert.equal((await lab.call('GET', '/v1/instances/app-c1/stats')).status, 409);
     });
 
     await t.test('live migration with a kill -9: the counter keeps counting, no reboot', async () => {

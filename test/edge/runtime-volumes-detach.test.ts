@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { open, readFile, rm, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 
@@ -17,27 +17,11 @@ import { bitmapPathOf, statePathOf } from '../../src/hydrate/hydrated-device.js'
 import { controlCall, startTwoSites, until, waitForExport, type TwoSites } from '../helpers/edges.js';
 import { requireCommands } from '../helpers/nbd-tools.js';
 import { run, tempDir } from '../helpers/proc.js';
-import { prng } from '../helpers/random.js';
+import { makeSparseImage } from '../helpers/random.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 6 * MiB;
 
-async function makeImage(file: string, size: number, seed: number): Promise<Buffer> {
-  const rnd = prng(seed);
-  const buf = Buffer.alloc(size);
-  const fh = await open(file, 'w');
-  try {
-    await fh.truncate(size);
-    for (let off = 0; off < size; off += 64 * 1024) {
-      if (rnd() < 0.3) continue;
-      for (let i = off; i < off + 64 * 1024; i += 4) buf.writeUInt32LE(Math.floor(rnd() * 0xffffffff), i);
-      await fh.write(buf, off, 64 * 1024, off);
-    }
-  } finally {
-    await fh.close();
-  }
-  return buf;
-}
 
 interface Hydration {
   state: string;
@@ -59,7 +43,7 @@ describe('detach: flatten a hydrated volume into its file', { timeout: 600_000 }
     await requireCommands('nbdinfo', 'nbdcopy', 'qemu-io');
     tmp = await tempDir('spw-detach-');
     const disk = path.join(tmp.dir, 'disk.img');
-    origin = await makeImage(disk, SIZE, 11);
+    origin = await makeSparseImage(disk, SIZE, 11, 0.3);
     sites = await startTwoSites(tmp.dir, disk, { cloudNoVolume: true, env: { cloud: { ...process.env, SPILLWAY_TEST_FLATTEN_HOLD: path.join(tmp.dir, 'hold-flatten') } } });
   });
 

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir, open, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -17,27 +17,10 @@ import { after, before, describe, it } from 'node:test';
 import { controlCall, startTwoSites, until, waitForExport, type TwoSites } from '../helpers/edges.js';
 import { requireCommands } from '../helpers/nbd-tools.js';
 import { CLI, run, tempDir } from '../helpers/proc.js';
-import { prng } from '../helpers/random.js';
+import { makeSparseImage } from '../helpers/random.js';
 
 const MiB = 1024 * 1024;
 
-/** A sparse image with random data in some chunks and holes elsewhere. */
-async function makeImage(file: string, size: number, seed: number): Promise<Buffer> {
-  const rnd = prng(seed);
-  const buf = Buffer.alloc(size);
-  const fh = await open(file, 'w');
-  try {
-    await fh.truncate(size);
-    for (let off = 0; off < size; off += 64 * 1024) {
-      if (rnd() < 0.4) continue; // a hole
-      for (let i = off; i < off + 64 * 1024; i += 4) buf.writeUInt32LE(Math.floor(rnd() * 0xffffffff), i);
-      await fh.write(buf, off, 64 * 1024, off);
-    }
-  } finally {
-    await fh.close();
-  }
-  return buf;
-}
 
 /** A request with a raw body (malformed JSON, for instance). */
 function rawCall(stateDir: string, method: string, url: string, body: string): Promise<{ status: number; body: { error?: string } }> {
@@ -95,9 +78,9 @@ describe('volumes added and removed while the edges run', { timeout: 600_000 }, 
     await requireCommands('nbdinfo', 'nbdcopy', 'qemu-io');
     tmp = await tempDir('spw-runtime-');
     const disk = path.join(tmp.dir, 'disk.img');
-    await makeImage(disk, 1 * MiB, 1);
+    await makeSparseImage(disk, 1 * MiB, 1);
     extraImg = path.join(tmp.dir, 'extra.img');
-    extra = await makeImage(extraImg, 8 * MiB, 2);
+    extra = await makeSparseImage(extraImg, 8 * MiB, 2);
     sites = await startTwoSites(tmp.dir, disk, { cloudNoVolume: true });
   });
 
@@ -274,7 +257,7 @@ describe('volumes added and removed while the edges run', { timeout: 600_000 }, 
   it('drives the same routes from the CLI: volume add, remove, cache', async () => {
     const dir = path.join(tmp.dir, 'cli');
     await mkdir(dir, { recursive: true });
-    await makeImage(path.join(dir, 'cli.img'), 2 * MiB, 3);
+    await makeSparseImage(path.join(dir, 'cli.img'), 2 * MiB, 3);
     const cli = (...args: string[]) => run(process.execPath, [CLI, 'volume', ...args], { cwd: dir });
     const add = JSON.parse((await cli('add', '-c', sites.onpremYaml, 'cli', '--source', 'cli.img', '--json')).stdout) as { created: boolean; volume: string };
     assert.equal(add.created, true, 'a relative --source is taken from the current directory');

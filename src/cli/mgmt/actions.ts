@@ -4,16 +4,19 @@
 
 import { Command, InvalidArgumentError } from 'commander';
 
-import { withApi, type ApiOptions } from './client.js';
+import { parseSize } from '../../edge/config.js';
+import { ApiClient, withApi, type ApiOptions } from './client.js';
+import { bytes, seconds, table } from './render.js';
 import { startAndWatch } from './workflow.js';
 
 /** "2GiB", "512MiB", "1073741824" → bytes (the units of the edge configuration). */
 export function parseSizeArg(v: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(v);
-  const units: Record<string, number> = { '': 1, b: 1, k: 1024, kb: 1000, kib: 1024, m: 1024 ** 2, mb: 1000 ** 2, mib: 1024 ** 2, g: 1024 ** 3, gb: 1000 ** 3, gib: 1024 ** 3, t: 1024 ** 4, tb: 1000 ** 4, tib: 1024 ** 4 };
-  const unit = m ? units[m[2]!.toLowerCase()] : undefined;
-  if (!m || unit === undefined) throw new InvalidArgumentError(`"${v}" is not a size (examples: 2GiB, 512MiB, 1073741824)`);
-  const n = Math.round(Number(m[1]) * unit);
+  let n: number;
+  try {
+    n = parseSize(v);
+  } catch (e) {
+    throw new InvalidArgumentError((e as Error).message);
+  }
   if (n <= 0) throw new InvalidArgumentError('the size must be above 0');
   return n;
 }
@@ -100,6 +103,24 @@ const ACTIONS: Action[] = [
     input: (edge, o) => ({ edge, sizeBytes: o.size }),
     examples: ['spillway resize-edge cloud-edge --size 2GiB'],
   },
+  {
+    command: 'start',
+    kind: 'start',
+    args: '<instance>',
+    summary: 'start an instance where its data path is now (origin, streamed or migrated)',
+    description: 'Start a start workflow: the instance boots on its host, from its origin disks, from the cloud edge, or from its hydrated disks.',
+    input: (instance) => ({ instance }),
+    examples: ['spillway start web-1'],
+  },
+  {
+    command: 'stop',
+    kind: 'stop',
+    args: '<instance>',
+    summary: 'stop an instance (the guest syncs first)',
+    description: 'Start a stop workflow: the guest syncs its disks on its console, then QEMU quits.',
+    input: (instance) => ({ instance }),
+    examples: ['spillway stop web-1'],
+  },
 ];
 
 export function registerActions(program: Command): void {
@@ -113,4 +134,33 @@ export function registerActions(program: Command): void {
         .addHelpText('after', `\nExamples:\n${a.examples.map((e) => `  ${e}`).join('\n')}`),
     ).action(async (arg: string, o: Opts) => startAndWatch(o, a.kind, a.input(arg, o)));
   }
+}
+
+interface InstanceStats {
+  instance: string;
+  host: string;
+  status: string;
+  pid: number;
+  cpu: { processMs: number };
+  disks: Array<{ device: string; readBytes: number; writtenBytes: number; reads: number; writes: number; flushes: number }>;
+}
+
+/** `spillway stats INSTANCE`: GET /v1/instances/{name}/stats. */
+export function registerStats(program: Command): void {
+  withApi(
+    program
+      .command('stats')
+      .argument('<instance>', 'a running instance')
+      .summary("a running instance's run state, CPU time and disk I/O (from QEMU)")
+      .description("What QEMU reports for a running instance through QMP where it runs: run state, the process's CPU time, and per-disk read/write counters.")
+      .addHelpText('after', '\nExample:\n  spillway stats web-1 --json'),
+  ).action(async (instance: string, o: ApiOptions) => {
+    const s = await ApiClient.from(o).request<InstanceStats>('GET', `/v1/instances/${encodeURIComponent(instance)}/stats`);
+    if (o.json) {
+      process.stdout.write(`${JSON.stringify(s)}\n`);
+      return;
+    }
+    process.stdout.write(`${s.instance} on ${s.host}: ${s.status}, QEMU pid ${s.pid}, ${seconds(s.cpu.processMs)} of CPU\n`);
+    process.stdout.write(`${table(['DISK', 'READ', 'WRITTEN', 'READS', 'WRITES', 'FLUSHES'], s.disks.map((d) => [d.device, bytes(d.readBytes), bytes(d.writtenBytes), d.reads, d.writes, d.flushes]))}\n`);
+  });
 }

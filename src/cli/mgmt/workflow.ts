@@ -2,6 +2,7 @@
 // the action shortcuts (burst, clone, ...) use to follow what they started.
 
 import { readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Command, InvalidArgumentError } from 'commander';
 
 import type { StepRecord, Workflow, WorkflowEvent } from '../../control/types.js';
@@ -40,12 +41,12 @@ export async function watchWorkflow(client: ApiClient, id: string, o: { json?: b
         if (abort.signal.aborted) throw err;
         if (!(err instanceof CliError) || err.status !== undefined || ++failures > 10) throw err;
         // the connection dropped: try again from the last event seen
-        await sleep(Math.min(5000, 250 * 2 ** failures), abort.signal);
+        await sleep(Math.min(5000, 250 * 2 ** failures), undefined, { signal: abort.signal });
         continue;
       }
       wf = await client.request<Detail>('GET', path(id));
       if (RESTING.has(wf.state)) break;
-      await sleep(250, abort.signal);
+      await sleep(250, undefined, { signal: abort.signal });
     }
     w.finish(wf);
     return { kind: 'finished', workflow: wf };
@@ -62,20 +63,6 @@ export async function watchWorkflow(client: ApiClient, id: string, o: { json?: b
   }
 }
 
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal.aborted) return reject(signal.reason as Error);
-    const t = setTimeout(() => {
-      signal.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(signal.reason as Error);
-    };
-    signal.addEventListener('abort', onAbort, { once: true });
-  });
-}
 
 /** The exit code of a watch: 0 succeeded, 1 failed or cancelled, 130 when the user stopped it. */
 export function exitCodeOf(end: WatchEnd): number {

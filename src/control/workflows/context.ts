@@ -4,6 +4,7 @@
 
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 import type { Logger } from '../../log/logger.js';
 import type { Compute } from '../compute.js';
@@ -77,21 +78,6 @@ export async function subdir(c: ControlContext, ...parts: string[]): Promise<str
   return d;
 }
 
-export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason as Error);
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(signal!.reason as Error);
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
-}
-
 /** Poll `fn` until it returns a value (not undefined), with progress, a deadline and the signal. */
 export async function poll<T>(what: string, fn: () => Promise<T | undefined>, o: { timeoutMs: number; intervalMs?: number; signal?: AbortSignal }): Promise<T> {
   const deadline = Date.now() + o.timeoutMs;
@@ -104,6 +90,6 @@ export async function poll<T>(what: string, fn: () => Promise<T | undefined>, o:
       last = err;
     }
     if (Date.now() > deadline) throw new Error(`${what}: not done after ${Math.round(o.timeoutMs / 1000)} s${last ? ` (last error: ${(last as Error).message})` : ''}`);
-    await sleep(o.intervalMs ?? 500, o.signal);
+    await sleep(o.intervalMs ?? 500, undefined, { signal: o.signal });
   }
 }
