@@ -3,7 +3,7 @@
 // outlives a crash of the service; every call re-attaches through the directory.
 
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import { buildConfigDrive } from '../compute/qemu/config-drive.js';
@@ -115,10 +115,25 @@ export class LocalCompute implements Compute {
     }
   }
 
+  /**
+   * The driver pauses a running guest for the copy. A marker file says the pause is ours: if the
+   * service dies mid-copy, the guest stays paused, and the re-run (which finds it paused) must
+   * still resume it.
+   */
   async snapshotDisk(instance: string, host: Host, dest: string): Promise<void> {
-    const vm = await QemuVm.attach(this.dirOf(instance, host));
+    const dir = this.dirOf(instance, host);
+    const marker = path.join(dir, 'snapshot-pause');
+    const vm = await QemuVm.attach(dir);
     try {
+      const st = await vm.status();
+      const ours = existsSync(marker);
+      if (st.running) await writeFile(marker, `${Date.now()}\n`);
       await vm.snapshotDisk({ to: dest });
+      if (!st.running && ours && st.status === 'paused') {
+        this.log('info', 'resuming a guest left paused by a snapshot interrupted by a crash', { instance });
+        await vm.resume();
+      }
+      await rm(marker, { force: true });
     } finally {
       await vm.detach();
     }

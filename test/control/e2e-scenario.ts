@@ -3,9 +3,10 @@
 // run once with a kill -9 of the service while one of its steps (chosen by the seed) runs, and
 // must then complete after a restart, with the world in the state it promises:
 //   start, cancel of a burst (rolls back), transfer (burst) → the guest writes → reverse (bring
-//   back) → the write is at the origin; clone ×2 (distinct identities, the second fetches far
-//   fewer bytes); live-migrate (the guest's counter keeps counting, same boot); resize-edge;
-//   migrate + detach (the guest runs with the origin edge stopped).
+//   back) → the write is at the origin; clone ×2 of a running source (it keeps running; distinct
+//   identities; the second fetches far fewer bytes); live-migrate (the guest's counter keeps
+//   counting, same boot); resize-edge; migrate + detach (the guest runs with the origin edge
+//   stopped).
 
 import assert from 'node:assert/strict';
 import type { TestContext } from 'node:test';
@@ -118,7 +119,9 @@ export async function runScenario(t: TestContext, database: string | undefined):
       assert.equal((await lab.exec('web', 'dc-1', 'cat /data/burst.txt')).trim(), nonce);
     });
 
-    await t.test('clone twice: distinct identities, both run at once, the second fetches far fewer bytes', async () => {
+    await t.test('clone twice from a running source: it keeps running, distinct identities, the second fetches far fewer bytes', async () => {
+      assert.equal((await lab.wait((await lab.start('start', { instance: 'app' })).id)).state, 'succeeded');
+      const source = await guestIdentity('app', 'dc-1');
       const b0 = await lab.linkBytes();
       await crashRun('clone', { instance: 'app', name: 'app-c1' });
       const b1 = await lab.linkBytes();
@@ -134,6 +137,11 @@ export async function runScenario(t: TestContext, database: string | undefined):
       assert.equal(g1.mac, c1.spec.mac);
       assert.equal(g1.machineId, c1.identity.machineId);
       assert.ok(b2 - b1 < (b1 - b0) / 2, `the second clone fetched ${b2 - b1} bytes, the first ${b1 - b0}`);
+      // The source was snapshotted while it ran (paused for the copy only): same boot, still counting.
+      const after = await guestIdentity('app', 'dc-1');
+      assert.equal(after.bootId, source.bootId);
+      assert.ok(after.counter > source.counter);
+      assert.ok(![g1.machineId, g2.machineId].includes(after.machineId));
       for (const n of ['app-c1', 'app-c2']) assert.equal((await lab.wait((await lab.start('stop', { instance: n })).id)).state, 'succeeded');
       assert.equal((await lab.call('GET', '/v1/instances/app-c1/stats')).status, 409);
     });
