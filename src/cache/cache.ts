@@ -831,6 +831,34 @@ export class SecureCache implements CacheGaugeSource {
     }
   }
 
+  /**
+   * Forget every chunk mapped for `volume` (the edge calls this when the volume leaves it: the
+   * origin may change before it comes back, and a cached mapping is trusted without asking the
+   * peer). Blobs stay for other volumes of the family that map them. Resolves once durable.
+   */
+  async dropVolume(volume: string, opts: OpOptions = {}): Promise<number> {
+    this.assertOpen();
+    checkName('volume', volume);
+    opts.signal?.throwIfAborted();
+    const vol = this.volumes.get(volume);
+    const indices = vol ? [...vol.chunks.keys()] : [];
+    for (const index of indices) {
+      this.invalSeq++;
+      if (this.lastInval.size >= MAX_INVALIDATION_MEMORY) {
+        this.lastInval.clear();
+        this.invalFloor = this.invalSeq;
+      }
+      this.lastInval.set(`${index}\0${volume}`, this.invalSeq);
+      vol!.chunks.delete(index);
+    }
+    // Fills in flight for chunks never mapped must be refused too.
+    this.invalFloor = Math.max(this.invalFloor, ++this.invalSeq);
+    if (indices.length > 0) await this.track(this.journal.append(indices.map((index) => ({ type: REC.UNMAP, vid: vol!.vid, index })), true));
+    else await this.track(this.journal.sync());
+    this.maybeSnapshot();
+    return indices.length;
+  }
+
   // ---------------------------------------------------------------- size
 
   /**

@@ -382,7 +382,8 @@ export class Edge {
    * what the guest wrote and applies it to the overlay) and the volume. Its export must be
    * gone already. Files stay; the caller decides.
    */
-  private async closeRemoteStack(r: RemoteEntry): Promise<void> {
+  /** Close a remote volume's stack; resolves with the error closing the device met, if any. */
+  private async closeRemoteStack(r: RemoteEntry): Promise<Error | null> {
     r.closing = true;
     r.abort.abort(new Error('the volume is being removed'));
     await r.opening?.catch(() => undefined);
@@ -390,9 +391,30 @@ export class Edge {
     await this.profiles?.detach(r.entry.name);
     await r.hydrator?.stop().catch(() => undefined);
     await r.shipper?.stop();
-    await r.device?.close().catch((err: Error) => this.log('warn', 'closing the volume stack failed', { volume: r.entry.name, err: err.message })); // seals what the guest wrote
+    let failed: Error | null = null;
+    await r.device?.close().catch((err: Error) => {
+      failed = err;
+      this.log('warn', 'closing the volume stack failed', { volume: r.entry.name, err: err.message });
+    }); // seals what the guest wrote
     await r.journal?.close().catch(() => undefined);
     r.volume.close();
+    return failed;
+  }
+
+  /**
+   * The volume left this edge: forget its chunks in the cache (unless another volume here
+   * streams the same origin volume, as clones of one base do). A cached mapping is trusted
+   * without asking the peer, and the origin may change before the volume comes back (an
+   * instance brought back runs at its origin and writes there).
+   */
+  private async forgetCached(r: RemoteEntry): Promise<void> {
+    const origin = r.entry.volume ?? r.entry.name;
+    if ([...this.remoteVolumes.values()].some((x) => x !== r && (x.entry.volume ?? x.entry.name) === origin)) return;
+    const n = await this.cache?.dropVolume(origin).catch((err: Error) => {
+      this.log('error', 'cannot forget the cached chunks of a removed volume', { volume: r.entry.name, err: err.message });
+      return 0;
+    });
+    if (n) this.log('info', 'cached chunks of the removed volume forgotten', { volume: r.entry.name, origin, chunks: n });
   }
 
   /** Resolves when every remote volume is exported (or failed), or after `timeoutMs`. */
@@ -835,6 +857,7 @@ export class Edge {
     await this.closeRemoteStack(r);
     const writes = this.writeStatus(r);
     this.remoteVolumes.delete(name);
+    await this.forgetCached(r);
 
     // The overlay and journal go only when nothing in them is missing at the origin (or the
     // caller says the instance's writes are not wanted).
@@ -932,8 +955,17 @@ export class Edge {
           throw err;
         }
       }
-      await this.closeRemoteStack(r);
+      const closeError = await this.closeRemoteStack(r);
       this.remoteVolumes.delete(name);
+      // Every sealed epoch must be in the overlay before it is flattened: a stack that did not
+      // close cleanly (or a journal with epochs not applied to the overlay) may hold guest
+      // writes only in the journal, which the detach would delete. Reopen: recovery replays them.
+      const j = r.journal;
+      if (closeError || (j && j.checkpointSeq < j.lastSealed)) {
+        this.openRemote(r.entry, r.origin);
+        throw new EdgeRequestError(500, `detach of "${name}" refused: ${closeError ? `closing its stack failed (${closeError.message})` : `epochs ${j!.checkpointSeq + 1}..${j!.lastSealed} are in the journal but not in the overlay`}; the volume is served again (its journal replays at open); try again`);
+      }
+      await this.forgetCached(r);
       let flat: { flattenedBytes: number; size: number };
       try {
         flat = await flattenOverlay({ overlayPath: this.overlayPathOf(name), target: h.path, log: this.log.child('detach'), volume: name });

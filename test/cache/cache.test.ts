@@ -413,3 +413,29 @@ void test('a log created at the instant of a kill (no header yet) does not hide 
     await c.close();
   }
 });
+
+void test('dropVolume: every chunk of the volume is forgotten, durably; fills in flight are refused; other volumes keep theirs', async (t) => {
+  const dir = await tempDir(t);
+  const key = randomBytes(32);
+  let cache = await SecureCache.open({ dir, maxBytes: 16 * MiB });
+  cache.setKey('fam', key);
+  const chunks = Array.from({ length: 8 }, (_, i) => prng(`d${i}`, 65536));
+  for (const [i, d] of chunks.entries()) await cache.put('gone', 'fam', i, idOf(d), d);
+  await cache.putZero('gone', 20);
+  cache.attachVolume('kept', 'fam');
+  await cache.map('kept', 2, idOf(chunks[2] as Buffer));
+  const token = cache.fillToken('gone', 30); // a fetch of a chunk never mapped is on its way
+  assert.equal(await cache.dropVolume('gone'), 9);
+  assert.equal(await cache.put('gone', 'fam', 30, idOf(chunks[0] as Buffer), chunks[0] as Buffer, { fillToken: token }), false);
+  for (let i = 0; i < 8; i++) assert.equal(await cache.get('gone', i), null);
+  assert.equal(await cache.get('gone', 20), null);
+  assert.deepEqual(await cache.get('kept', 2), chunks[2]);
+  await cache.close();
+  cache = await SecureCache.open({ dir, maxBytes: 16 * MiB });
+  cleanup(t, () => cache.close());
+  cache.setKey('fam', key);
+  assert.equal(cache.lookup('gone', 0), null, 'still forgotten after a restart');
+  assert.equal(cache.lookup('gone', 20), null);
+  assert.deepEqual(await cache.get('kept', 2), chunks[2]);
+  assert.equal(await cache.dropVolume('never-seen'), 0);
+});

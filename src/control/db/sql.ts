@@ -242,6 +242,12 @@ class PgSql implements Sql {
     if (this.client) return fn(this);
     const client = await this.pool.connect();
     let broken = false;
+    // pg-pool stops listening for errors on a client it hands out; a connection dropped during
+    // the transaction would otherwise be an uncaught 'error' event (a crash of the service).
+    const onError = () => {
+      broken = true;
+    };
+    client.on('error', onError);
     try {
       await client.query('BEGIN');
       const r = await fn(new PgSql(this.pool, client));
@@ -255,6 +261,7 @@ class PgSql implements Sql {
       }
       throw e;
     } finally {
+      client.off('error', onError);
       client.release(broken);
     }
   }

@@ -255,9 +255,12 @@ export class Engine implements WorkflowEngine {
     const valid = await def.validate(input);
     const target = def.target(valid);
     const wf = await this.store.createWorkflow({ id: randomUUID(), kind, target, input: valid, actor });
-    await this.audit(actor, 'workflow.start', wf, { kind });
-    await this.emitState(wf, `pending: ${kind} of ${target}, started by ${actor}`, { by: actor });
-    this.drive(wf.id, actor);
+    try {
+      await this.audit(actor, 'workflow.start', wf, { kind });
+      await this.emitState(wf, `pending: ${kind} of ${target}, started by ${actor}`, { by: actor });
+    } finally {
+      this.drive(wf.id, actor); // a failed audit write must not leave the workflow without a runner
+    }
     return wf;
   }
 
@@ -635,6 +638,10 @@ export class Engine implements WorkflowEngine {
       await this.audit(actor(), 'workflow.rollback', wf, { step: wf.step });
     }
     const records = (await this.store.listSteps(id)).sort((a, b) => b.index - a.index);
+    // A step's output reaches its record before the workflow's outputs: after a crash between
+    // the two, the record is the one that has it (undos read their own step's output).
+    const outputs = { ...wf.outputs };
+    for (const r of records) if (r.output !== undefined && outputs[r.name] === undefined && (r.state === 'done' || r.state === 'undoing')) outputs[r.name] = r.output;
     for (const rec of records) {
       if (run.why) return 'halt';
       if (rec.state !== 'running' && rec.state !== 'done' && rec.state !== 'failed' && rec.state !== 'undoing') continue;
@@ -650,7 +657,7 @@ export class Engine implements WorkflowEngine {
       if (rec.output !== undefined) base.output = rec.output;
       await this.store.putStep(base);
       await this.emitStep(id, step.name, rec.index, 'undoing', attempt, `${step.name}: undoing${attempt > 1 ? ` (attempt ${attempt})` : ''}`);
-      const ctx = this.context(run, wf, step, rec.index, attempt, wf.outputs);
+      const ctx = this.context(run, wf, step, rec.index, attempt, outputs);
       try {
         await step.undo(ctx);
       } catch (err) {

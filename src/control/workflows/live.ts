@@ -64,8 +64,12 @@ export function liveMigrateWorkflow(c: ControlContext): WorkflowDef {
           },
           undo: async (ctx) => {
             const host = await dest(ctx);
-            // Only while the source still runs: after the switch-over the destination is the VM.
-            if (await c.compute.running(i.instance, await source(ctx))) await c.compute.stop(i.instance, host, { sync: false });
+            // Only while the source's CPUs still run: after the switch-over (source paused in
+            // postmigrate, its process still alive) the destination is the only live copy.
+            const src = await source(ctx);
+            const st = (await c.compute.running(i.instance, src)) ? await c.compute.stats(i.instance, src).catch(() => null) : null;
+            if (st?.status === 'running') await c.compute.stop(i.instance, host, { sync: false });
+            else if (await c.compute.running(i.instance, host)) throw new Error(`the migration of ${i.instance} had switched over to ${host.name} (source ${st?.status ?? 'gone'}); it runs there now and is not rolled back`);
           },
         },
         {

@@ -7,6 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
 
+import { EdgeCallError } from '../edges.js';
 import { chooseHost, type HostUsage } from '../placement.js';
 import type { Host, Instance, Json, JsonObject, StepContext, StepDef } from '../types.js';
 import { InvalidInputError } from '../types.js';
@@ -157,7 +158,13 @@ export function provisionStep(c: ControlContext, plan: CloudPlan): StepDef {
           spec.hydrate = { path: hydratedPath(c, v.remote), ...(plan.hydrate.rate !== undefined ? { rate: plan.hydrate.rate } : {}) };
         }
         await ctx.audit('edge.volume.add', { edge: host.edge, volume: v.remote });
-        await c.edges.addVolume(host.edge, spec);
+        await c.edges.addVolume(host.edge, spec).catch(async (err: unknown) => {
+          // Re-run after a crash: the spec may differ in what it derived (profiles recorded since),
+          // but the volume is ours when the edge serves it from the same peer volume.
+          const there = err instanceof EdgeCallError && err.status === 409 ? await c.edges.remoteStatus(host.edge, v.remote) : undefined;
+          if (!there || there.peer !== peer || (there as { origin?: string }).origin === 'config') throw err;
+          ctx.progress(undefined, `${v.remote} was added by an earlier run of this step`);
+        });
         added.push(spec);
         ctx.progress(added.length / vols.length, `${v.remote} added on edge ${host.edge}`);
       }
