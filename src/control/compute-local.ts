@@ -49,6 +49,8 @@ export class LocalCompute implements Compute {
     const disks: QemuDiskSpec[] = l.disks.map((d) => (d.uri ? { uri: d.uri, format: 'raw' } : { file: d.file!, format: 'raw' }));
     this.log('info', 'starting VM', { instance: l.instance, host: l.host.name, disks: l.disks, incoming: !!l.incoming });
     const vm = await QemuVm.start({
+      // Field by field: a spec read from the database must not carry driver options
+      // (qemuBinary, extraArgs) into QEMU's command line.
       name: l.instance,
       dir,
       kernel: l.spec.kernel,

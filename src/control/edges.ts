@@ -4,6 +4,7 @@
 // accepted by the edge, and removing what is gone (404) counts as done.
 
 import { call } from '../edge/control-client.js';
+import type { EdgeStatus, RemoteVolumeStatus } from '../edge/edge.js';
 import type { EdgeRecord, JsonObject, Store } from './types.js';
 import { NotFoundError } from './types.js';
 
@@ -17,29 +18,6 @@ export class EdgeCallError extends Error {
     super(`edge ${edge}: ${message}`);
     this.name = 'EdgeCallError';
   }
-}
-
-export interface RemoteVolumeStatus {
-  volume: string;
-  peer: string;
-  ready: boolean;
-  size?: number;
-  error?: string;
-  clients?: number;
-  writes?: { unshippedBytes: number; ackedSeq: number; lastSealed: number };
-  /** the edge's PrefetchStatus (src/edge/remote/prefetcher.ts). */
-  prefetch?: { state: 'running' | 'done' | 'stopped'; planned: number; fetched: number; alreadyCached: number; used: number; hitRate: number | null } & Record<string, unknown>;
-  /** the edge's HydrationStatus (src/hydrate/hydrator.ts). */
-  hydration?: { state: string; doneChunks: number; totalChunks: number; etaSeconds: number | null } & Record<string, unknown>;
-}
-
-export interface EdgeStatus {
-  site: string;
-  name: string;
-  local: Array<{ volume: string; size: number; chunks: number }>;
-  remote: RemoteVolumeStatus[];
-  peers: Array<{ name: string; connected: boolean }>;
-  [k: string]: unknown;
 }
 
 export class EdgeGateway {
@@ -106,8 +84,7 @@ export class EdgeGateway {
 
   /** Prometheus text from the edge's metrics listener, or '' when it has none. */
   async metrics(edge: string): Promise<string> {
-    const s = await this.status(edge);
-    const url = (s as { metrics?: string }).metrics;
+    const url = (await this.status(edge)).metrics;
     if (!url) return '';
     const r = await fetch(url).catch(() => null);
     return r?.ok ? r.text() : '';

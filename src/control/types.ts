@@ -3,6 +3,8 @@
 // PostgreSQL; the engine (src/control/engine/) runs workflows; the API (src/control/api/)
 // and the CLI show them. See docs/control.md.
 
+import type { QemuVmSpec } from '../compute/qemu/vm.js';
+
 /** JSON values as stored in the database (objects are kept as JSON text). */
 export type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
 export type JsonObject = { [k: string]: Json };
@@ -50,15 +52,8 @@ export interface Host {
   createdAt: string;
 }
 
-/** How to start a VM: enough for the QEMU driver, nothing provider specific. */
-export interface VmSpec {
-  kernel: string;
-  initrd: string;
-  append: string;
-  memoryMiB: number;
-  vcpus: number;
-  mac: string;
-}
+/** How to start a VM: the QEMU driver's own fields, nothing provider specific. */
+export type VmSpec = Pick<QemuVmSpec, 'kernel' | 'initrd' | 'append' | 'memoryMiB' | 'vcpus' | 'mac'>;
 
 export interface Instance {
   name: string;

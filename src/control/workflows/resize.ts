@@ -27,8 +27,7 @@ export function resizeEdgeWorkflow(c: ControlContext): WorkflowDef {
           name: 'check',
           run: async () => {
             const e = await edgeOf(c, i.edge);
-            const s = await c.edges.status(i.edge);
-            const cache = (s as { cache?: { maxBytes?: number } }).cache;
+            const { cache } = await c.edges.status(i.edge);
             return { previousBytes: cache?.maxBytes ?? e.cacheBytes ?? null };
           },
         },

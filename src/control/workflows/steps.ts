@@ -162,7 +162,7 @@ export function provisionStep(c: ControlContext, plan: CloudPlan): StepDef {
           // Re-run after a crash: the spec may differ in what it derived (profiles recorded since),
           // but the volume is ours when the edge serves it from the same peer volume.
           const there = err instanceof EdgeCallError && err.status === 409 ? await c.edges.remoteStatus(host.edge, v.remote) : undefined;
-          if (!there || there.peer !== peer || (there as { origin?: string }).origin === 'config') throw err;
+          if (!there || there.peer !== peer || there.origin === 'config') throw err;
           ctx.progress(undefined, `${v.remote} was added by an earlier run of this step`);
         });
         added.push(spec);
